@@ -1,0 +1,1 @@
+"""What the gateway and the blockservers must agree on: protocol, records, balancing, model adapters."""
