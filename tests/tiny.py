@@ -10,8 +10,15 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, max_posit
 
 
 def configs() -> dict:
-    from transformers import (BloomConfig, FalconConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (
+        BloomConfig,
+        FalconConfig,
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     llama_like = dict(COMMON, intermediate_size=96, num_hidden_layers=6, num_key_value_heads=2)
     return {

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from shared.errors import BadRequest, UnsupportedModel
-from shared.models.base import Family, LoadedSpan, ModelEnds, build_skeleton, materialize, resolve_dtype, _get
+from shared.models.base import Family, LoadedSpan, ModelEnds, _get, build_skeleton, materialize, resolve_dtype
 from shared.models.bloom import BloomFamily
 from shared.models.checkpoint import Checkpoint
 from shared.models.falcon import FalconFamily
