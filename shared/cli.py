@@ -12,6 +12,10 @@ DESCRIPTION = """\
 Corolla runs a language model too large for one machine on a swarm of blockservers (each holding
 a span of the model's layers) behind an OpenAI-compatible gateway.
 
+  corolla up                     a gateway and blockservers on this machine (SmolLM2 by default)
+  corolla gateway                the OpenAI-compatible API and the swarm's registry
+  corolla blockserver --blocks A:B --gateway URL
+                                 serve layers [A, B) of the model to the gateway(s)
   corolla verify-model MODEL     check a model split into spans against transformers
 """
 
@@ -32,6 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from blockserver import __main__ as blockserver_main
+    from gateway import __main__ as gateway_main
+    from shared import launcher
+
+    up = sub.add_parser("up", help="start a gateway and blockservers on this machine",
+                        description=launcher.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    launcher.add_arguments(up)
+    up.set_defaults(run=launcher.run)
+
+    gateway = sub.add_parser("gateway", help="run the OpenAI-compatible gateway and registry",
+                             description="Serve the OpenAI API for MODEL, drive generations through chains of "
+                                         "blockservers, and host the registry they heartbeat to.")
+    gateway_main.add_arguments(gateway)
+    gateway.set_defaults(run=gateway_main.run)
+
+    blockserver = sub.add_parser("blockserver", help="serve a span of a model's layers",
+                                 description="Load layers START:END of MODEL, serve them over WebSocket sessions, "
+                                             "and heartbeat to every --gateway.")
+    blockserver_main.add_arguments(blockserver)
+    blockserver.set_defaults(run=blockserver_main.run)
 
     verify = sub.add_parser(
         "verify-model", help="run MODEL split into spans against the whole model in transformers",

@@ -1,6 +1,9 @@
 """Records both sides agree on: spans of layers (and, with the registry, server records)."""
 
 from dataclasses import dataclass
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 @dataclass(frozen=True, order=True)
@@ -36,3 +39,39 @@ def even_spans(num_layers: int, parts: int) -> list[Span]:
         raise ValueError(f"cannot split {num_layers} layers into {parts} spans")
     bounds = [round(i * num_layers / parts) for i in range(parts + 1)]
     return [Span(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+class ServerState(str, Enum):
+    joining = "joining"  # counted for span choice, never routed to
+    online = "online"
+    offline = "offline"
+
+
+class ServerInfo(BaseModel):
+    """What a blockserver announces in every heartbeat (DESIGN.md section 6)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    server_id: str = Field(min_length=1, max_length=128)
+    url: str = Field(min_length=1, max_length=512)  # http(s)://host:port the gateway connects to
+    model: str = Field(min_length=1, max_length=512)
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+    state: ServerState = ServerState.online
+    throughput: float = Field(default=1.0, ge=0)  # tokens/s the server can sustain
+    inference_rps: float = Field(default=1.0, ge=0)
+    forward_rps: float = Field(default=1.0, ge=0)
+    network_rps: float = Field(default=1.0, ge=0)
+    cache_tokens_left: int = Field(default=0, ge=0)
+    sessions: int = Field(default=0, ge=0)  # open inference sessions
+    dtype: str = "float32"
+    quant: str = "none"
+    adapters: list[str] = Field(default_factory=list)
+    version: str = ""
+    next_pings: dict[str, float] = Field(default_factory=dict)
+    public_name: str = ""
+    ttl_s: float = Field(default=15.0, gt=0, le=3600)
+
+    @property
+    def span(self) -> Span:
+        return Span(self.start, self.end)

@@ -50,3 +50,12 @@ def _from_hub(repo_id: str) -> Path:
             f"be downloaded ({type(exc).__name__}: {exc}). Pass a directory with config.json and "
             f"*.safetensors, or the built-in 'smollm2'."
         ) from exc
+
+
+def served_name(reference: str | None, model_dir: Path) -> str:
+    """The name under which gateways and blockservers know a model (and the API's model id)."""
+    if reference is None or reference.lower() in smollm2.ALIASES:
+        return smollm2.NAME
+    if Path(reference).expanduser().is_dir():
+        return Path(model_dir).resolve().name
+    return reference

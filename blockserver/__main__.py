@@ -1,0 +1,55 @@
+"""`corolla blockserver`: load a span of a model and serve it to the gateways."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+import uvicorn
+
+from blockserver.app import create_app
+from blockserver.settings import BlockserverSettings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="model directory, hub id, or 'smollm2' (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model-name", default=None, help="name announced to gateways (default: derived from --model)")
+    parser.add_argument("--blocks", required=True, metavar="START:END", help="layers to serve, half-open, e.g. 0:10")
+    parser.add_argument("--gateway", action="append", default=[], dest="gateways", metavar="URL",
+                        help="a gateway to heartbeat to (repeat for several), e.g. http://10.0.0.2:8000")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default 0: a free port)")
+    parser.add_argument("--public-url", default=None,
+                        help="address gateways should connect to, when it differs from where this server "
+                             "listens (NAT, containers), e.g. http://myhost:31330")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="compute dtype (default auto: the checkpoint's)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 … (default cpu)")
+    parser.add_argument("--cache-tokens", type=int, default=16384,
+                        help="KV-cache budget in tokens (batch × length summed over open sessions; default 16384)")
+    parser.add_argument("--heartbeat-interval", type=float, default=2.0, dest="heartbeat_interval_s",
+                        metavar="SECONDS", help="seconds between heartbeats; records expire after 3 (default 2)")
+    parser.add_argument("--idle-timeout", type=float, default=300.0, dest="idle_timeout_s", metavar="SECONDS",
+                        help="free a session after this long without a message (default 300)")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch threads for compute (default: all cores)")
+    parser.add_argument("--cache-dir", default=None, help="where converted models are kept (default ~/.cache/corolla)")
+
+
+def run(args: argparse.Namespace) -> int:
+    fields = {k: v for k, v in vars(args).items() if k in BlockserverSettings.model_fields and v is not None}
+    settings = BlockserverSettings(**fields)
+    # Bind first, so that port 0 becomes a real port before the server announces itself.
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    port = sock.getsockname()[1]
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = (settings.public_url or f"http://{host}:{port}").rstrip("/")
+    print(f"blockserver listening on {settings.host}:{port}, announced as {url}", flush=True)
+    app = create_app(settings, url)
+    config = uvicorn.Config(app, log_level="warning", ws_per_message_deflate=False,
+                            ws_max_size=settings.max_frame_bytes, lifespan="on", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0

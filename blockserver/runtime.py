@@ -1,0 +1,109 @@
+"""The span runtime: one compute thread owns the weights and every session's KV cache.
+
+The event loop validates and moves bytes; every torch operation (cache creation, steps, release)
+runs on the single compute thread, in the order submitted. The KV-cache budget is counted in
+tokens (batch × max_length per session), reserved at `open` and released at `close`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from shared.errors import BadRequest, CacheFull
+from shared.models.base import LoadedSpan
+from shared.models.cache import SpanCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    session_id: str
+    batch_size: int
+    max_length: int
+    cache: SpanCache
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.max_length
+
+
+class Runtime:
+    def __init__(self, span: LoadedSpan, cache_tokens: int, num_threads: int | None = None):
+        self.span = span
+        self.cache_tokens = cache_tokens
+        self.cache_tokens_left = cache_tokens
+        self.sessions: dict[str, Session] = {}
+        self._room = asyncio.Condition()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
+                                            initializer=_init_compute_thread, initargs=(num_threads,))
+
+    async def _compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def open(self, session_id: str, batch_size: int, max_length: int, alloc_timeout_s: float) -> Session:
+        if session_id in self.sessions:
+            raise BadRequest(f"session {session_id!r} is already open on this server")
+        tokens = batch_size * max_length
+        if tokens > self.cache_tokens:
+            raise CacheFull(f"a session of {batch_size} x {max_length} tokens exceeds this server's whole "
+                            f"cache budget of {self.cache_tokens} tokens")
+        async with self._room:
+            try:
+                await asyncio.wait_for(self._room.wait_for(lambda: self.cache_tokens_left >= tokens), alloc_timeout_s)
+            except TimeoutError:
+                raise CacheFull(f"no room for {tokens} cache tokens within {alloc_timeout_s}s "
+                                f"({self.cache_tokens_left} of {self.cache_tokens} free)") from None
+            self.cache_tokens_left -= tokens
+        try:
+            cache = await self._compute(self.span.new_cache, batch_size, max_length)
+        except BaseException:
+            await self._release(tokens)
+            raise
+        session = Session(session_id, batch_size, max_length, cache)
+        self.sessions[session_id] = session
+        return session
+
+    async def step(self, session: Session, position: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+                   hypo_ids: torch.Tensor | None) -> torch.Tensor:
+        return await self._compute(_run_step, self.span, session.cache, position, hidden, mask, hypo_ids)
+
+    async def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return await self._compute(self.span.forward, hidden, mask)
+
+    async def close(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return
+        await self._compute(_drop, session)  # the cache is freed on the thread that made it
+        await self._release(session.tokens)
+
+    async def _release(self, tokens: int) -> None:
+        async with self._room:
+            self.cache_tokens_left += tokens
+            self._room.notify_all()
+
+    async def shutdown(self) -> None:
+        for session_id in list(self.sessions):
+            await self.close(session_id)
+        self._executor.shutdown(wait=True)
+
+
+def _init_compute_thread(num_threads: int | None) -> None:
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def _run_step(span: LoadedSpan, cache: SpanCache, position: int, hidden, mask, hypo_ids):
+    cache.truncate(position)  # replays and rollbacks resend from `position`
+    if hypo_ids is not None:
+        cache.reorder(hypo_ids)
+    return span.step(hidden, cache, mask)
+
+
+def _drop(session: Session) -> None:
+    session.cache = None

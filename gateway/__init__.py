@@ -1,0 +1,1 @@
+"""The gateway: OpenAI-compatible HTTP API, generation loop, and the swarm's registry."""

@@ -1,0 +1,69 @@
+"""The gateway's ASGI app: OpenAI routes, the registry's routes, and /health."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from gateway.errors import install_handlers
+from gateway.model import GatewayModel
+from gateway.openai_routes import build_router
+from gateway.registry import Registry, coverage
+from gateway.settings import GatewaySettings
+from shared.models.resolve import resolve_model, served_name
+from shared.records import ServerInfo
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: GatewaySettings, registry: Registry | None = None) -> FastAPI:
+    state = SimpleNamespace(settings=settings, registry=registry or Registry(), model=None,
+                            started_at=int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        directory = await asyncio.to_thread(resolve_model, settings.model, settings.cache_dir)
+        name = settings.model_name or served_name(settings.model, directory)
+        state.model = await asyncio.to_thread(GatewayModel.load, name, directory, settings.dtype)
+        log.info("gateway serving %s (%d layers) from %s", name, state.model.num_layers, directory)
+        try:
+            yield
+        finally:
+            state.model.close()
+
+    app = FastAPI(title="Corolla gateway", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API over a swarm of blockservers.")
+    install_handlers(app, settings.retry_after_s)
+    app.include_router(build_router(state))
+
+    @app.post("/registry/heartbeat")
+    async def heartbeat(info: ServerInfo):
+        """A blockserver's heartbeat: its record, renewed for its TTL (offline removes it)."""
+        state.registry.heartbeat(info)
+        return {"ok": True}
+
+    @app.get("/registry/servers")
+    async def servers():
+        """Every live blockserver record, of every model."""
+        return [s.model_dump(mode="json") for s in state.registry.servers()]
+
+    @app.get("/health")
+    async def health():
+        """200 when every layer of the model is covered by an online server, else 503."""
+        if state.model is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        online = state.registry.online(state.model.name)
+        counts = coverage(online, state.model.num_layers)
+        missing = [i for i, c in enumerate(counts) if c == 0]
+        body = {"status": "ok" if not missing else "degraded", "model": state.model.name,
+                "num_layers": state.model.num_layers, "servers": len(online), "coverage": counts,
+                "missing_layers": missing}
+        return JSONResponse(body, status_code=200 if not missing else 503)
+
+    return app

@@ -1,0 +1,260 @@
+"""The OpenAI-compatible routes: models, completions, chat completions (streamed or not)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from sse_starlette.sse import EventSourceResponse
+
+from gateway.errors import APIError, from_corolla
+from gateway.generation import Finished, GenerationRequest, TextDelta, Usage, generate
+from gateway.model import GatewayModel
+from gateway.routing import route_chain
+from gateway.sampling import SamplingParams
+from gateway.schemas import ChatRequest, CompletionRequest, SamplingFields
+from shared.errors import CorollaError
+
+log = logging.getLogger(__name__)
+
+
+def build_router(state) -> APIRouter:
+    """`state` holds settings, registry, model and the start time (see gateway.app)."""
+
+    async def check_api_key(request: Request) -> None:
+        key = state.settings.api_key
+        if not key:
+            return
+        given = request.headers.get("authorization", "")
+        if given != f"Bearer {key}":
+            shown = given.removeprefix("Bearer ")[:6]
+            raise APIError(401, f"Incorrect API key provided: {shown + '…' if shown else '(none)'}",
+                           code="invalid_api_key")
+
+    router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    def model_card() -> dict:
+        model: GatewayModel = state.model
+        return {"id": model.name, "object": "model", "created": state.started_at, "owned_by": "corolla",
+                "max_model_len": model.context_length}
+
+    @router.get("/models")
+    async def list_models():
+        """The model this gateway serves."""
+        return {"object": "list", "data": [model_card()]}
+
+    @router.get("/models/{model_id:path}")
+    async def retrieve_model(model_id: str):
+        """One model by id (ids may contain '/')."""
+        _check_model(model_id)
+        return model_card()
+
+    def _check_model(name: str) -> None:
+        if name != state.model.name:
+            raise APIError(404, f"The model `{name}` does not exist or you do not have access to it.",
+                           param="model", code="model_not_found")
+
+    def sampling(body: SamplingFields) -> SamplingParams:
+        vocab = state.model.vocab_size
+        bias = {}
+        for key, value in (body.logit_bias or {}).items():
+            token = int(key)
+            if not 0 <= token < vocab:
+                raise APIError(400, f"logit_bias token {token} is outside the vocabulary [0, {vocab})", param="logit_bias")
+            bias[token] = float(value)
+        return SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=bias, seed=body.seed)
+
+    def check_size(prompts: list[list[int]], n: int, max_tokens: int, param: str) -> None:
+        model: GatewayModel = state.model
+        rows = len(prompts) * n
+        if rows > state.settings.max_batch_rows:
+            raise APIError(400, f"{len(prompts)} prompts x n={n} = {rows} completions; at most "
+                                f"{state.settings.max_batch_rows} per request", param="n")
+        longest = max(len(p) for p in prompts)
+        if longest + max_tokens > model.context_length:
+            raise APIError(400, f"This model's maximum context length is {model.context_length} tokens. However, "
+                                f"you requested {longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} "
+                                f"for the completion). Please reduce the prompt or the completion length.",
+                           param=param, code="context_length_exceeded")
+
+    def prompt_ids(prompt) -> list[list[int]]:
+        model: GatewayModel = state.model
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                if model.tokenizer is None:
+                    raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+                ids = model.tokenizer(p, add_special_tokens=True).input_ids
+                if not ids:
+                    raise APIError(400, "prompt must not be empty", param="prompt")
+                out.append(ids)
+            else:
+                if any(not 0 <= t < model.vocab_size for t in p):
+                    raise APIError(400, f"prompt token ids must be in [0, {model.vocab_size})", param="prompt")
+                out.append(list(p))
+        return out
+
+    def ensure_chain() -> None:
+        """Fail with 503 before any streaming starts when no chain covers the model."""
+        try:
+            route_chain(state.registry.online(state.model.name), state.model.num_layers)
+        except CorollaError as exc:
+            raise from_corolla(exc, state.settings.retry_after_s) from exc
+
+    @router.post("/completions")
+    async def completions(body: CompletionRequest):
+        """Text completions (legacy API), streamed as server-sent events when `stream` is true."""
+        _check_model(body.model)
+        if body.best_of not in (None, 1) or body.echo or body.logprobs or body.suffix:
+            field = next(f for f in ("best_of", "echo", "logprobs", "suffix") if getattr(body, f) not in (None, 1, False, 0))
+            raise APIError(400, f"`{field}` is not supported by this server", param=field)
+        prompts = prompt_ids(body.prompt)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        check_size(prompts, body.n, max_tokens, "prompt")
+        request = GenerationRequest(prompts, body.n, max_tokens, body.stop or [], sampling(body))
+        ensure_chain()
+        stream = Stream("cmpl", state.model.name, len(prompts) * body.n, body)
+        if body.stream:
+            return sse(stream.completion_chunks(events(request)))
+        return await stream.completion(events(request))
+
+    @router.post("/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        """Chat completions: messages rendered with the model's chat template."""
+        _check_model(body.model)
+        if body.logprobs or body.top_logprobs:
+            raise APIError(400, "`logprobs` is not supported by this server", param="logprobs")
+        model: GatewayModel = state.model
+        if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
+            raise APIError(400, f"model {model.name} has no chat template; use /v1/completions", param="messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"]
+        except Exception as exc:  # jinja templates raise their own errors on unexpected roles/orders
+            raise APIError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = limit if limit is not None else max(0, model.context_length - len(ids))
+        check_size([ids], body.n, max_tokens, "messages")
+        request = GenerationRequest([ids], body.n, max_tokens, body.stop or [], sampling(body))
+        ensure_chain()
+        stream = Stream("chatcmpl", model.name, body.n, body)
+        if body.stream:
+            return sse(stream.chat_chunks(events(request)))
+        return await stream.chat(events(request))
+
+    # the design card's name for the same route
+    router.add_api_route("/chat", chat_completions, methods=["POST"], summary="Alias of /v1/chat/completions")
+
+    def events(request: GenerationRequest):
+        return generate(request, state.model, state.registry, state.settings)
+
+    def sse(chunks: AsyncIterator[dict]) -> EventSourceResponse:
+        async def body():
+            try:
+                async for chunk in chunks:
+                    yield {"data": json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))}
+            except CorollaError as exc:
+                log.warning("stream failed: %s", exc.message)
+                yield {"data": json.dumps(from_corolla(exc, state.settings.retry_after_s).body())}
+            except Exception:
+                log.exception("stream failed")
+                yield {"data": json.dumps(APIError(500, "The server had an error while processing your request.",
+                                                   "server_error").body())}
+            yield {"data": "[DONE]"}
+
+        return EventSourceResponse(body(), sep="\n", ping=15)
+
+    return router
+
+
+class Stream:
+    """Shapes generation events into OpenAI's objects, streamed (chunks) or whole."""
+
+    def __init__(self, id_prefix: str, model: str, rows: int, body: SamplingFields):
+        self.id = f"{id_prefix}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.model = model
+        self.n_rows = rows
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def _head(self, object_: str) -> dict:
+        return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    @staticmethod
+    def _usage(u: Usage) -> dict:
+        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                "total_tokens": u.total_tokens}
+
+    def _chunk(self, object_: str, choices: list[dict]) -> dict:
+        chunk = self._head(object_) | {"choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    async def completion_chunks(self, events) -> AsyncIterator[dict]:
+        async for e in events:
+            if isinstance(e, TextDelta):
+                yield self._chunk("text_completion", [{"index": e.index, "text": e.text, "logprobs": None,
+                                                       "finish_reason": None}])
+            elif isinstance(e, Finished):
+                yield self._chunk("text_completion", [{"index": e.index, "text": "", "logprobs": None,
+                                                       "finish_reason": e.reason}])
+            elif isinstance(e, Usage) and self.include_usage:
+                yield self._head("text_completion") | {"choices": [], "usage": self._usage(e)}
+
+    async def chat_chunks(self, events) -> AsyncIterator[dict]:
+        object_ = "chat.completion.chunk"
+        started = False
+        async for e in events:
+            if not started:  # the assistant role comes first, in every choice
+                started = True
+                for i in range(self.n_rows):
+                    yield self._chunk(object_, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}])
+            if isinstance(e, TextDelta):
+                yield self._chunk(object_, [{"index": e.index, "delta": {"content": e.text}, "logprobs": None,
+                                             "finish_reason": None}])
+            elif isinstance(e, Finished):
+                yield self._chunk(object_, [{"index": e.index, "delta": {}, "logprobs": None,
+                                             "finish_reason": e.reason}])
+            elif isinstance(e, Usage) and self.include_usage:
+                yield self._head(object_) | {"choices": [], "usage": self._usage(e)}
+
+    async def _drain(self, events) -> tuple[dict[int, str], dict[int, str], Usage]:
+        texts: dict[int, str] = {}
+        reasons: dict[int, str] = {}
+        usage = Usage(0, 0)
+        async for e in events:
+            if isinstance(e, TextDelta):
+                texts[e.index] = texts.get(e.index, "") + e.text
+            elif isinstance(e, Finished):
+                reasons[e.index] = e.reason
+            elif isinstance(e, Usage):
+                usage = e
+        return texts, reasons, usage
+
+    async def completion(self, events) -> dict:
+        texts, reasons, usage = await self._drain(events)
+        choices = [{"index": i, "text": texts.get(i, ""), "logprobs": None, "finish_reason": reasons.get(i, "length")}
+                   for i in sorted(reasons)]
+        return self._head("text_completion") | {"choices": choices, "usage": self._usage(usage)}
+
+    async def chat(self, events) -> dict:
+        texts, reasons, usage = await self._drain(events)
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts.get(i, ""), "refusal": None},
+                    "logprobs": None, "finish_reason": reasons.get(i, "length")} for i in sorted(reasons)]
+        return self._head("chat.completion") | {"choices": choices, "usage": self._usage(usage)}

@@ -1,0 +1,46 @@
+"""Choosing the next token from logits: penalties, logit bias, temperature, nucleus. Pure torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+
+
+def adjust_logits(logits: torch.Tensor, counts: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """OpenAI's penalties over the tokens generated so far, then the logit bias.
+    logits, counts: [batch, vocab] (counts of each token in each row's completion)."""
+    logits = logits.float().clone()
+    if params.frequency_penalty:
+        logits -= params.frequency_penalty * counts
+    if params.presence_penalty:
+        logits -= params.presence_penalty * (counts > 0).float()
+    for token, bias in params.logit_bias.items():
+        logits[:, token] += bias
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, counts: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """[batch, vocab] logits -> [batch] token ids."""
+    logits = adjust_logits(logits, counts, params)
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,21 @@
+"""Settings of a gateway, built once in __main__ (env prefix COROLLA_GATEWAY_)."""
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COROLLA_GATEWAY_")
+
+    model: str | None = None  # reference: directory, hub id, or None/'smollm2'
+    model_name: str | None = None  # the API's model id (defaults to the model's served name)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: str | None = None
+    dtype: str = "float32"  # of the gateway's ends (embeddings, norm, head)
+    cache_dir: str | None = None
+    step_timeout_s: float = Field(default=30.0, gt=0)  # a hop with no reply for this long has failed
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    max_batch_rows: int = Field(default=64, ge=1)  # prompts x n per request
+    max_frame_bytes: int = Field(default=64 * 2**20, ge=1024)
+    retry_after_s: int = Field(default=5, ge=1)
