@@ -49,8 +49,8 @@ def main():
 
     model_dir = resolve_model(args.model)
     n = load_config(model_dir).num_hidden_layers
-    rows = [("span of %d/%d layers" % (n // 3, n), "span", 0, n // 3),
-            ("all %d layers (corolla)" % n, "span", 0, n),
+    rows = [(f"span of {n // 3}/{n} layers", "span", 0, n // 3),
+            (f"all {n} layers (corolla)", "span", 0, n),
             ("whole model (transformers)", "whole", 0, n)]
     print(f"{'what':32} {'load s':>8} {'RSS MiB':>9}   model {args.model}, {args.dtype}")
     for label, what, start, end in rows:

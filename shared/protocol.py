@@ -78,7 +78,7 @@ def decode(frame: bytes, max_frame_bytes: int) -> Message:
         raise ProtocolError(f"unknown message type {header.get('type') if isinstance(header, dict) else None!r}")
     descriptors = header.pop("tensors", [])
     if not isinstance(descriptors, list) or len(descriptors) > MAX_TENSORS:
-        raise ProtocolError("tensors must be a list of at most %d descriptors" % MAX_TENSORS)
+        raise ProtocolError(f"tensors must be a list of at most {MAX_TENSORS} descriptors")
     offset = _LENGTH.size + header_len
     tensors = {}
     for d in descriptors:

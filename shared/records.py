@@ -1,7 +1,7 @@
 """Records both sides agree on: spans of layers (and, with the registry, server records)."""
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,7 +41,7 @@ def even_spans(num_layers: int, parts: int) -> list[Span]:
     return [Span(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-class ServerState(str, Enum):
+class ServerState(StrEnum):
     joining = "joining"  # counted for span choice, never routed to
     online = "online"
     offline = "offline"

@@ -56,5 +56,30 @@ def save_model(name: str, directory: Path, max_shard_size: str | None = None) ->
             if p.dim() > 1:
                 p.mul_(3.0)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
     model.save_pretrained(directory, **kwargs)
+    char_tokenizer().save_pretrained(directory)
     return directory
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+def char_tokenizer():
+    """A character-level tokenizer over printable ASCII (one token per character), so that any
+    token sequence decodes to plain text. Ids 0-2 are <pad>, <s>, </s>; the rest of the
+    vocabulary decodes to '<xN>'."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for code in range(32, 127):
+        vocab[chr(code)] = len(vocab)
+    while len(vocab) < VOCAB:
+        vocab[f"<x{len(vocab)}>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   chat_template=CHAT_TEMPLATE)
