@@ -12,28 +12,29 @@ from blockserver.settings import BlockserverSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
+    """Flags left out fall back to the settings' defaults and COROLLA_* environment variables."""
+    parser.add_argument("--model",
                         help="model directory, hub id, or 'smollm2' (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--model-name", default=None, help="name announced to gateways (default: derived from --model)")
+    parser.add_argument("--model-name", help="name announced to gateways (default: derived from --model)")
     parser.add_argument("--blocks", required=True, metavar="START:END", help="layers to serve, half-open, e.g. 0:10")
-    parser.add_argument("--gateway", action="append", default=[], dest="gateways", metavar="URL",
+    parser.add_argument("--gateway", action="append", dest="gateways", metavar="URL",
                         help="a gateway to heartbeat to (repeat for several), e.g. http://10.0.0.2:8000")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=0, help="port to listen on (default 0: a free port)")
-    parser.add_argument("--public-url", default=None,
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 0: a free port)")
+    parser.add_argument("--public-url",
                         help="address gateways should connect to, when it differs from where this server "
                              "listens (NAT, containers), e.g. http://myhost:31330")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                         help="compute dtype (default auto: the checkpoint's)")
-    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 … (default cpu)")
-    parser.add_argument("--cache-tokens", type=int, default=16384,
+    parser.add_argument("--device", help="torch device: cpu, cuda, cuda:1 … (default cpu)")
+    parser.add_argument("--cache-tokens", type=int,
                         help="KV-cache budget in tokens (batch × length summed over open sessions; default 16384)")
-    parser.add_argument("--heartbeat-interval", type=float, default=2.0, dest="heartbeat_interval_s",
+    parser.add_argument("--heartbeat-interval", type=float, dest="heartbeat_interval_s",
                         metavar="SECONDS", help="seconds between heartbeats; records expire after 3 (default 2)")
-    parser.add_argument("--idle-timeout", type=float, default=300.0, dest="idle_timeout_s", metavar="SECONDS",
+    parser.add_argument("--idle-timeout", type=float, dest="idle_timeout_s", metavar="SECONDS",
                         help="free a session after this long without a message (default 300)")
-    parser.add_argument("--num-threads", type=int, default=None, help="torch threads for compute (default: all cores)")
-    parser.add_argument("--cache-dir", default=None, help="where converted models are kept (default ~/.cache/corolla)")
+    parser.add_argument("--num-threads", type=int, help="torch threads for compute (default: all cores)")
+    parser.add_argument("--cache-dir", help="where converted models are kept (default ~/.cache/corolla)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,17 +11,19 @@ from gateway.settings import GatewaySettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
+    """Flags left out fall back to the settings' defaults and COROLLA_* environment variables."""
+    parser.add_argument("--model",
                         help="model directory, hub id, or 'smollm2' (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--model-name", default=None, help="model id in the API (default: derived from --model)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    parser.add_argument("--api-key", default=None, help="require this key as 'Authorization: Bearer KEY'")
-    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--model-name", help="model id in the API (default: derived from --model)")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    parser.add_argument("--api-key", help="require this key as 'Authorization: Bearer KEY'")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                         help="dtype of the gateway's embeddings and LM head (default float32)")
-    parser.add_argument("--step-timeout", type=float, default=30.0, dest="step_timeout_s", metavar="SECONDS",
+    parser.add_argument("--step-timeout", type=float, dest="step_timeout_s", metavar="SECONDS",
                         help="a blockserver with no reply to a step for this long has failed (default 30)")
-    parser.add_argument("--cache-dir", default=None, help="where converted models are kept (default ~/.cache/corolla)")
+    parser.add_argument("--num-threads", type=int, help="torch threads for the ends (default: all cores)")
+    parser.add_argument("--cache-dir", help="where converted models are kept (default ~/.cache/corolla)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,7 +30,8 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None) -> F
     async def lifespan(app: FastAPI):
         directory = await asyncio.to_thread(resolve_model, settings.model, settings.cache_dir)
         name = settings.model_name or served_name(settings.model, directory)
-        state.model = await asyncio.to_thread(GatewayModel.load, name, directory, settings.dtype)
+        state.model = await asyncio.to_thread(GatewayModel.load, name, directory, settings.dtype,
+                                             settings.num_threads)
         log.info("gateway serving %s (%d layers) from %s", name, state.model.num_layers, directory)
         try:
             yield

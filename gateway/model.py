@@ -29,7 +29,7 @@ class GatewayModel:
     executor: ThreadPoolExecutor
 
     @classmethod
-    def load(cls, name: str, directory: Path, dtype: str = "float32") -> GatewayModel:
+    def load(cls, name: str, directory: Path, dtype: str = "float32", num_threads: int | None = None) -> GatewayModel:
         config = load_config(directory)
         tokenizer = _tokenizer(directory)
         eos = _eos_ids(directory, config, tokenizer)
@@ -39,7 +39,8 @@ class GatewayModel:
         return cls(name=name, directory=directory, ends=load_ends(directory, "cpu", dtype), tokenizer=tokenizer,
                    num_layers=num_layers(config), context_length=config.max_position_embeddings,
                    vocab_size=config.vocab_size, eos_ids=frozenset(eos), pad_id=int(pad),
-                   executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-compute"))
+                   executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-compute",
+                                               initializer=_init_compute_thread, initargs=(num_threads,)))
 
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -59,6 +60,11 @@ class GatewayModel:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False)
+
+
+def _init_compute_thread(num_threads: int | None) -> None:
+    if num_threads:
+        torch.set_num_threads(num_threads)
 
 
 def _next_tokens(ends: ModelEnds, hidden, counts, params, generator):

@@ -14,6 +14,7 @@ class GatewaySettings(BaseSettings):
     api_key: str | None = None
     dtype: str = "float32"  # of the gateway's ends (embeddings, norm, head)
     cache_dir: str | None = None
+    num_threads: int | None = None  # torch threads of the compute thread (default: torch's choice)
     step_timeout_s: float = Field(default=30.0, gt=0)  # a hop with no reply for this long has failed
     connect_timeout_s: float = Field(default=10.0, gt=0)
     max_batch_rows: int = Field(default=64, ge=1)  # prompts x n per request

@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="blockservers' compute dtype (default auto: the checkpoint's)")
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch threads of each process (default: the cores divided among the blockservers)")
     parser.add_argument("--api-key", default=None, help="require this API key at the gateway")
     parser.add_argument("--cache-dir", default=None, help="where converted models are kept (default ~/.cache/corolla)")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the swarm (default 600)")
@@ -42,11 +44,14 @@ def run(args: argparse.Namespace) -> int:
     reference = args.model or "smollm2"
     common = ["--model", reference, "--model-name", name] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
     gateway_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-    threads = max(1, (os.cpu_count() or 1) // args.servers)
+    threads = args.num_threads or max(1, (os.cpu_count() or 1) // args.servers)
     cli = [sys.executable, "-m", "shared.cli", "--log-level", "WARNING"]
     children: list[subprocess.Popen] = []
     try:
-        gateway_cmd = cli + ["gateway", *common, "--host", args.host, "--port", str(args.port)]
+        gateway_cmd = cli + ["gateway", *common, "--host", args.host, "--port", str(args.port),
+                             "--num-threads", str(threads)]
+        if args.dtype != "auto":
+            gateway_cmd += ["--dtype", args.dtype]
         if args.api_key:
             gateway_cmd += ["--api-key", args.api_key]
         children.append(subprocess.Popen(gateway_cmd))

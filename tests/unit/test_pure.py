@@ -1,0 +1,111 @@
+"""Pure pieces of the gateway and the protocol: stop strings, sampling, routing, registry, frames."""
+
+import random
+
+import msgpack
+import pytest
+import torch
+
+from gateway.registry import Registry, coverage
+from gateway.routing import route_chain
+from gateway.sampling import SamplingParams, choose_tokens
+from gateway.stops import releasable
+from shared import protocol
+from shared.errors import ProtocolError, Unavailable
+from shared.records import ServerInfo, ServerState, Span, even_spans
+
+
+# ---- stop strings
+@pytest.mark.parametrize("text, stops, expected", [
+    ("hello wor", ["world"], (6, False)),       # "wor" may become "world": hold it back
+    ("hello world!", ["world"], (6, True)),     # stop found: cut before it
+    ("abc", [], (3, False)),
+    ("ab\ufffd", [], (2, False)),               # an unfinished character waits for the next token
+    ("x END y END", ["END", "y"], (2, True)),   # the earliest stop wins
+    ("aaa", ["aab"], (1, False)),
+])
+def test_releasable(text, stops, expected):
+    assert releasable(text, stops) == expected
+
+
+# ---- sampling
+def test_greedy_and_penalties():
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    counts = torch.tensor([[0.0, 2.0, 0.0]])
+    assert choose_tokens(logits, counts, SamplingParams(temperature=0), None).tolist() == [1]
+    penalized = SamplingParams(temperature=0, frequency_penalty=1.0)  # 3 - 2*1 = 1 < 2
+    assert choose_tokens(logits, counts, penalized, None).tolist() == [2]
+    presence = SamplingParams(temperature=0, presence_penalty=1.5)  # 3 - 1.5 = 1.5 < 2
+    assert choose_tokens(logits, counts, presence, None).tolist() == [2]
+    biased = SamplingParams(temperature=0, logit_bias={1: -100})
+    assert choose_tokens(logits, torch.zeros(1, 3), biased, None).tolist() == [2]
+
+
+def test_seeded_sampling_repeats_and_top_p_cuts_the_tail():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(64, 1)
+    params = SamplingParams(temperature=1.0, seed=7)
+    a = choose_tokens(logits, torch.zeros(64, 4), params, torch.Generator().manual_seed(7))
+    b = choose_tokens(logits, torch.zeros(64, 4), params, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and len(set(a.tolist())) > 1
+    nucleus = SamplingParams(temperature=1.0, top_p=0.7)
+    picked = choose_tokens(logits, torch.zeros(64, 4), nucleus, torch.Generator().manual_seed(1))
+    assert set(picked.tolist()) <= {0, 1}
+
+
+# ---- spans, registry, routing
+def server(sid, start, end, sessions=0, state=ServerState.online, ttl=6.0):
+    return ServerInfo(server_id=sid, url=f"http://127.0.0.1:1/{sid}", model="m", start=start, end=end,
+                      sessions=sessions, state=state, ttl_s=ttl)
+
+
+def test_even_spans_and_parse():
+    assert even_spans(30, 3) == [Span(0, 10), Span(10, 20), Span(20, 30)]
+    assert [len(s) for s in even_spans(7, 3)] == [2, 3, 2]
+    assert Span.parse("3:9") == Span(3, 9)
+    with pytest.raises(ValueError):
+        Span.parse("9:3")
+
+
+def test_registry_expires_records_and_honours_offline():
+    now = [100.0]
+    registry = Registry(clock=lambda: now[0])
+    registry.heartbeat(server("a", 0, 2, ttl=6))
+    registry.heartbeat(server("b", 2, 4, state=ServerState.joining))
+    assert [s.server_id for s in registry.online("m")] == ["a"]
+    assert coverage(registry.servers("m"), 4) == [1, 1, 1, 1]
+    now[0] += 5.9
+    assert len(registry.servers()) == 2
+    now[0] += 0.2
+    assert [s.server_id for s in registry.servers()] == []  # both expired (ttl 6)
+    registry.heartbeat(server("a", 0, 2))
+    registry.heartbeat(server("a", 0, 2, state=ServerState.offline))
+    assert registry.servers() == []
+
+
+def test_route_chain_tiles_the_layers_and_spreads_load():
+    servers = [server("a", 0, 4), server("b", 0, 2), server("c", 2, 6), server("d", 4, 6)]
+    chain = route_chain(servers, 6, rng=random.Random(0))
+    assert [(s.start, s.end) for s in chain] in ([(0, 2), (2, 6)], [(0, 4), (4, 6)])
+    replicas = [server("x", 0, 3, sessions=5), server("y", 0, 3, sessions=1), server("z", 3, 6)]
+    assert route_chain(replicas, 6)[0].server_id == "y"
+    picks = {route_chain([server("p", 0, 6), server("q", 0, 6)], 6)[0].server_id for _ in range(40)}
+    assert picks == {"p", "q"}
+    with pytest.raises(Unavailable, match="layers 4..5 have no server"):
+        route_chain([server("a", 0, 4)], 6)
+    with pytest.raises(Unavailable):
+        route_chain(servers, 6, banned={"a", "b"})
+
+
+# ---- frames
+def test_frame_round_trip_and_rejections():
+    hidden = torch.randn(2, 3, 8).to(torch.bfloat16)
+    message = protocol.decode(protocol.encode("step", {"hidden": hidden}, step_id=4, position=7), 1 << 20)
+    assert message.type == "step" and message["position"] == 7 and torch.equal(message.tensors["hidden"], hidden)
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        protocol.decode(protocol.encode("step", {"hidden": hidden}), 16)
+    with pytest.raises(ProtocolError, match="stray bytes"):
+        protocol.decode(protocol.encode("close") + b"x", 1 << 20)
+    header = msgpack.packb({"type": "step", "tensors": [{"name": "h", "dtype": "complex64", "shape": [1],
+                                                          "nbytes": 8}]})
+    with pytest.raises(ProtocolError, match="bad tensor descriptor"):
+        protocol.decode(len(header).to_bytes(4, "big") + header + b"\0" * 8, 1 << 20)
