@@ -17,7 +17,7 @@ NAME = "SmolLM2-135M-Instruct"
 ALIASES = {"smollm2", NAME.lower(), f"huggingfacetb/{NAME.lower()}"}
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DIRNAME = "SmolLM2-135M-Instruct"
-DONE_MARKER = ".corolla-converted"
+DONE_MARKER = ".corolla-converted-v2"  # bump when the conversion changes
 
 
 def gguf_path() -> Path:
@@ -72,6 +72,11 @@ def _convert(source: Path, target: Path) -> None:
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
     config = model.config
     config.dtype = torch.float32
+    # The weights are dequantized now: without this, transformers would treat the directory as a
+    # packed GGUF checkpoint (slower kernels, and a file that is not there).
+    for stale in ("quantization_config", "_model_name_or_path"):
+        if hasattr(config, stale):
+            delattr(config, stale)
     config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
