@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,16 +54,16 @@ def local_steps_per_s(model_dir: Path, dtype: str, tokens: int, threads: int) ->
 
 def chain_steps_per_s(model: str, servers: int, dtype: str, tokens: int, threads: int) -> float:
     port = 18000 + servers
+    log = tempfile.NamedTemporaryFile("w+", prefix="corolla-bench-", suffix=".log", delete=False)
+    # output to a file, not a pipe: a pipe nobody reads would block the swarm's processes
     process = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--model", model, "--servers", str(servers),
                                 "--port", str(port), "--dtype", dtype, "--num-threads", str(threads)],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                               stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
-        for line in process.stdout:
-            if "corolla: ready" in line:
-                break
-        else:
-            raise RuntimeError("corolla up did not start")
+        while "corolla: ready" not in Path(log.name).read_text():
+            if process.poll() is not None:
+                raise RuntimeError(f"corolla up exited; see {log.name}")
+            time.sleep(0.5)
         url = f"http://127.0.0.1:{port}/v1/completions"
         name = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
         # EOS banned so that every run makes exactly `tokens` steps
@@ -76,10 +77,7 @@ def chain_steps_per_s(model: str, servers: int, dtype: str, tokens: int, threads
         return tokens / elapsed
     finally:
         process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        process.wait(60)  # corolla up stops its children before it exits
 
 
 def main() -> None:

@@ -26,6 +26,8 @@ class Session:
     batch_size: int
     max_length: int
     cache: SpanCache
+    start: int  # the layers this session runs: [start, end), within the server's span
+    end: int
 
     @property
     def tokens(self) -> int:
@@ -45,7 +47,8 @@ class Runtime:
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def open(self, session_id: str, batch_size: int, max_length: int, alloc_timeout_s: float) -> Session:
+    async def open(self, session_id: str, batch_size: int, max_length: int, alloc_timeout_s: float,
+                   start: int, end: int) -> Session:
         if session_id in self.sessions:
             raise BadRequest(f"session {session_id!r} is already open on this server")
         tokens = batch_size * max_length
@@ -64,13 +67,13 @@ class Runtime:
         except BaseException:
             await self._release(tokens)
             raise
-        session = Session(session_id, batch_size, max_length, cache)
+        session = Session(session_id, batch_size, max_length, cache, start, end)
         self.sessions[session_id] = session
         return session
 
     async def step(self, session: Session, position: int, hidden: torch.Tensor, mask: torch.Tensor | None,
                    hypo_ids: torch.Tensor | None) -> torch.Tensor:
-        return await self._compute(_run_step, self.span, session.cache, position, hidden, mask, hypo_ids)
+        return await self._compute(_run_step, self.span, session, position, hidden, mask, hypo_ids)
 
     async def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return await self._compute(self.span.forward, hidden, mask)
@@ -98,11 +101,11 @@ def _init_compute_thread(num_threads: int | None) -> None:
         torch.set_num_threads(num_threads)
 
 
-def _run_step(span: LoadedSpan, cache: SpanCache, position: int, hidden, mask, hypo_ids):
-    cache.truncate(position)  # replays and rollbacks resend from `position`
+def _run_step(span: LoadedSpan, session: Session, position: int, hidden, mask, hypo_ids):
+    session.cache.truncate(position)  # replays and rollbacks resend from `position`
     if hypo_ids is not None:
-        cache.reorder(hypo_ids)
-    return span.step(hidden, cache, mask)
+        session.cache.reorder(hypo_ids)
+    return span.step(hidden, session.cache, mask, session.start, session.end)
 
 
 def _drop(session: Session) -> None:

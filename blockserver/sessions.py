@@ -86,15 +86,18 @@ class SessionHandler:
             raise BadRequest("open needs a session_id string of 1-128 characters")
         if model != self.model_name:
             raise BadRequest(f"this server serves {self.model_name!r}, not {model!r}")
-        if start_end != [span.start, span.end]:
-            raise BadRequest(f"this server serves layers [{span.start}, {span.end}), not {start_end!r}")
+        if (not isinstance(start_end, list) or len(start_end) != 2 or not all(_is_int(x) for x in start_end)
+                or not span.start <= start_end[0] < start_end[1] <= span.end):
+            raise BadRequest(f"span must be [start, end) within this server's layers [{span.start}, {span.end}), "
+                             f"got {start_end!r}")
         if not _is_int(batch_size) or not 1 <= batch_size <= MAX_BATCH:
             raise BadRequest(f"batch_size must be an integer in [1, {MAX_BATCH}]")
         if not _is_int(max_length) or not 1 <= max_length <= self.max_length:
             raise BadRequest(f"max_length must be an integer in [1, {self.max_length}]")
         if message.get("dtype", protocol.DTYPE_NAMES[self.dtype]) != protocol.DTYPE_NAMES[self.dtype]:
             raise BadRequest(f"this server computes in {protocol.DTYPE_NAMES[self.dtype]}")
-        return await self.runtime.open(session_id, batch_size, max_length, self.settings.alloc_timeout_s)
+        return await self.runtime.open(session_id, batch_size, max_length, self.settings.alloc_timeout_s,
+                                       start_end[0], start_end[1])
 
     async def _step(self, message: Message, session: Session) -> bytes:
         position = message.get("position")

@@ -22,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the gateway's embeddings and LM head (default float32)")
     parser.add_argument("--step-timeout", type=float, dest="step_timeout_s", metavar="SECONDS",
                         help="a blockserver with no reply to a step for this long has failed (default 30)")
+    parser.add_argument("--failover-timeout", type=float, dest="failover_timeout_s", metavar="SECONDS",
+                        help="how long to look for a replacement when a blockserver fails mid-generation (default 30)")
+    parser.add_argument("--ban", type=float, dest="ban_s", metavar="SECONDS",
+                        help="keep a failed blockserver out of routing this long, doubling on repeats (default 15)")
     parser.add_argument("--num-threads", type=int, help="torch threads for the ends (default: all cores)")
     parser.add_argument("--cache-dir", help="where converted models are kept (default ~/.cache/corolla)")
 

@@ -11,7 +11,10 @@ from types import SimpleNamespace
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from gateway.bans import Bans
+from gateway.chain import FailoverStats
 from gateway.errors import install_handlers
+from gateway.generation import SwarmView
 from gateway.model import GatewayModel
 from gateway.openai_routes import build_router
 from gateway.registry import Registry, coverage
@@ -23,8 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: GatewaySettings, registry: Registry | None = None) -> FastAPI:
-    state = SimpleNamespace(settings=settings, registry=registry or Registry(), model=None,
-                            started_at=int(time.time()))
+    swarm = SwarmView(registry or Registry(), Bans(settings.ban_s), FailoverStats())
+    state = SimpleNamespace(settings=settings, swarm=swarm, model=None, started_at=int(time.time()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -46,25 +49,26 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None) -> F
     @app.post("/registry/heartbeat")
     async def heartbeat(info: ServerInfo):
         """A blockserver's heartbeat: its record, renewed for its TTL (offline removes it)."""
-        state.registry.heartbeat(info)
+        state.swarm.registry.heartbeat(info)
         return {"ok": True}
 
     @app.get("/registry/servers")
     async def servers():
         """Every live blockserver record, of every model."""
-        return [s.model_dump(mode="json") for s in state.registry.servers()]
+        return [s.model_dump(mode="json") for s in state.swarm.registry.servers()]
 
     @app.get("/health")
     async def health():
         """200 when every layer of the model is covered by an online server, else 503."""
         if state.model is None:
             return JSONResponse({"status": "loading"}, status_code=503)
-        online = state.registry.online(state.model.name)
+        online = state.swarm.registry.online(state.model.name)
         counts = coverage(online, state.model.num_layers)
         missing = [i for i, c in enumerate(counts) if c == 0]
         body = {"status": "ok" if not missing else "degraded", "model": state.model.name,
                 "num_layers": state.model.num_layers, "servers": len(online), "coverage": counts,
-                "missing_layers": missing}
+                "missing_layers": missing, "banned": sorted(swarm.bans.active()),
+                "failover": vars(swarm.failovers)}
         return JSONResponse(body, status_code=200 if not missing else 503)
 
     return app

@@ -3,13 +3,15 @@ sample, stream. One async generator serves streaming and non-streaming requests 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
 
-from gateway.chain import ChainSession
+from gateway.bans import Bans
+from gateway.chain import ChainSession, FailoverStats
 from gateway.model import GatewayModel
 from gateway.registry import Registry
 from gateway.routing import route_chain
@@ -17,6 +19,15 @@ from gateway.sampling import SamplingParams
 from gateway.stops import releasable
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SwarmView:
+    """What generations share about the swarm: live records, banned servers, failover counts."""
+
+    registry: Registry
+    bans: Bans
+    failovers: FailoverStats
 
 
 @dataclass
@@ -58,7 +69,7 @@ class _Choice:
     reason: str | None = None
 
 
-async def generate(request: GenerationRequest, model: GatewayModel, registry: Registry,
+async def generate(request: GenerationRequest, model: GatewayModel, swarm: SwarmView,
                    settings) -> AsyncIterator[TextDelta | Finished | Usage]:
     rows = [prompt for prompt in request.prompts for _ in range(request.n)]
     choices = [_Choice(i) for i in range(len(rows))]
@@ -71,11 +82,13 @@ async def generate(request: GenerationRequest, model: GatewayModel, registry: Re
     ids, mask = _left_pad(rows, model.pad_id)
     generator = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
     counts = torch.zeros(len(rows), model.vocab_size)
-    chain = route_chain(registry.online(model.name), model.num_layers)
+    servers = functools.partial(swarm.registry.online, model.name)
+    hops = route_chain(servers(), model.num_layers, swarm.bans.active())
     max_length = ids.shape[1] + request.max_tokens
-    async with ChainSession(chain, model.name, len(rows), max_length, settings) as session:
+    async with ChainSession(hops, model.name, model.num_layers, len(rows), max_length, settings, servers,
+                            swarm.bans, swarm.failovers) as session:
         log.info("session %s: %d rows, chain %s", session.session_id, len(rows),
-                 " -> ".join(f"{s.server_id}[{s.start}:{s.end})" for s in chain))
+                 " -> ".join(f"{h.server.server_id}[{h.span}]" for h in hops))
         hidden = await session.step(await model.embed(ids), mask if bool((mask == 0).any()) else None)
         while True:
             tokens = (await model.next_tokens(hidden[:, -1:], counts, request.params, generator)).tolist()

@@ -109,7 +109,8 @@ def build_router(state) -> APIRouter:
     def ensure_chain() -> None:
         """Fail with 503 before any streaming starts when no chain covers the model."""
         try:
-            route_chain(state.registry.online(state.model.name), state.model.num_layers)
+            route_chain(state.swarm.registry.online(state.model.name), state.model.num_layers,
+                        state.swarm.bans.active())
         except CorollaError as exc:
             raise from_corolla(exc, state.settings.retry_after_s) from exc
 
@@ -159,7 +160,7 @@ def build_router(state) -> APIRouter:
     router.add_api_route("/chat", chat_completions, methods=["POST"], summary="Alias of /v1/chat/completions")
 
     def events(request: GenerationRequest):
-        return generate(request, state.model, state.registry, state.settings)
+        return generate(request, state.model, state.swarm, state.settings)
 
     def sse(chunks: AsyncIterator[dict]) -> EventSourceResponse:
         async def body():

@@ -17,6 +17,8 @@ class GatewaySettings(BaseSettings):
     num_threads: int | None = None  # torch threads of the compute thread (default: torch's choice)
     step_timeout_s: float = Field(default=30.0, gt=0)  # a hop with no reply for this long has failed
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    failover_timeout_s: float = Field(default=30.0, ge=0)  # to find and rebuild a replacement for a failed hop
+    ban_s: float = Field(default=15.0, gt=0)  # a failed server is not routed to for this long (doubling on repeats)
     max_batch_rows: int = Field(default=64, ge=1)  # prompts x n per request
     max_frame_bytes: int = Field(default=64 * 2**20, ge=1024)
     retry_after_s: int = Field(default=5, ge=1)

@@ -150,10 +150,14 @@ class LoadedSpan:
         return SpanCache(batch_size, max_length, self.device)
 
     @torch.inference_mode()
-    def step(self, hidden: torch.Tensor, cache: SpanCache, new_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run new tokens through the span. hidden: [batch, tokens, hidden] -> same shape.
+    def step(self, hidden: torch.Tensor, cache: SpanCache, new_mask: torch.Tensor | None = None,
+             start: int | None = None, end: int | None = None) -> torch.Tensor:
+        """Run new tokens through layers [start, end) of the span (default: all of it).
+        hidden: [batch, tokens, hidden] -> same shape.
 
         new_mask [batch, tokens] marks padding (0) among the new tokens; None means none."""
+        first = (self.start if start is None else start) - self.start
+        last = (self.end if end is None else end) - self.start
         if hidden.dim() != 3 or hidden.shape[0] != cache.batch_size or hidden.shape[2] != self.hidden_size:
             raise BadRequest(f"hidden must be [{cache.batch_size}, tokens, {self.hidden_size}], "
                              f"got {list(hidden.shape)}")
@@ -161,8 +165,8 @@ class LoadedSpan:
         full_mask = cache.begin_step(new_mask, hidden.shape[1])
         try:
             inputs = self.family.prepare(self, hidden, full_mask)
-            for offset, layer in enumerate(self.layers):
-                hidden = self.family.run_layer(self, layer, self.start + offset, hidden, inputs, cache)
+            for offset in range(first, last):
+                hidden = self.family.run_layer(self, self.layers[offset], self.start + offset, hidden, inputs, cache)
         except BaseException:
             cache.abort_step()
             raise

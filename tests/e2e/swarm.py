@@ -48,12 +48,41 @@ class Swarm:
         return self
 
     def add_blockserver(self, span: str, extra: list[str] = ()) -> subprocess.Popen:
+        port = free_port()
         process = self._spawn(f"blockserver-{span.replace(':', '-')}-{len(self.blockservers)}", [
             "blockserver", "--model", self.model, "--model-name", self.model_name, "--blocks", span,
-            "--gateway", self.url, "--heartbeat-interval", "0.5", "--num-threads", "1",
+            "--gateway", self.url, "--heartbeat-interval", "0.5", "--num-threads", "1", "--port", str(port),
             *self.blockserver_args, *extra])
+        process.url = f"http://127.0.0.1:{port}"
+        process.span = span
         self.blockservers.append(process)
         return process
+
+    def wait_registered(self, count: int, timeout_s: float = 60) -> None:
+        """Wait until `count` blockservers are in the registry."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if len(self.servers()) >= count:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{count} blockservers not registered within {timeout_s}s; logs in {self.log_dir}")
+
+    def busy(self, span: str) -> subprocess.Popen:
+        """The live blockserver of `span` that holds an open session."""
+        for p in self.blockservers:
+            if p.span == span and p.poll() is None:
+                try:
+                    if httpx.get(f"{p.url}/health", timeout=1).json().get("sessions"):
+                        return p
+                except httpx.HTTPError:
+                    continue
+        raise LookupError(f"no blockserver of {span} holds a session")
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=5).json()
 
     def wait_healthy(self, timeout_s: float = 120) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -76,6 +105,7 @@ class Swarm:
     def stop(self) -> None:
         for p in [*self.blockservers, self.gateway]:
             if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGCONT)  # a test may have stopped it
                 p.send_signal(signal.SIGINT)
         for p in [*self.blockservers, self.gateway]:
             if p is None:

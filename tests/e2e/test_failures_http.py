@@ -53,7 +53,7 @@ def test_api_key_and_no_chain(lonely):
         r = httpx.post(f"{lonely.url}/v1/completions", json=body | {"stream": stream}, headers=AUTH)
         assert r.status_code == 503, r.text
         assert r.headers["retry-after"].isdigit()
-        assert "layers 4..5 have no server" in r.json()["error"]["message"]
+        assert "no online server covers layers 4..5" in r.json()["error"]["message"]
 
 
 def test_failure_after_the_stream_started_ends_with_an_error_event(lonely):

@@ -6,6 +6,7 @@ import msgpack
 import pytest
 import torch
 
+from gateway.bans import Bans
 from gateway.registry import Registry, coverage
 from gateway.routing import route_chain
 from gateway.sampling import SamplingParams, choose_tokens
@@ -85,12 +86,17 @@ def test_registry_expires_records_and_honours_offline():
 def test_route_chain_tiles_the_layers_and_spreads_load():
     servers = [server("a", 0, 4), server("b", 0, 2), server("c", 2, 6), server("d", 4, 6)]
     chain = route_chain(servers, 6, rng=random.Random(0))
-    assert [(s.start, s.end) for s in chain] in ([(0, 2), (2, 6)], [(0, 4), (4, 6)])
+    assert [(h.server.server_id, h.span) for h in chain] in ([("b", Span(0, 2)), ("c", Span(2, 6))],
+                                                           [("a", Span(0, 4)), ("d", Span(4, 6))])
     replicas = [server("x", 0, 3, sessions=5), server("y", 0, 3, sessions=1), server("z", 3, 6)]
-    assert route_chain(replicas, 6)[0].server_id == "y"
-    picks = {route_chain([server("p", 0, 6), server("q", 0, 6)], 6)[0].server_id for _ in range(40)}
+    assert route_chain(replicas, 6)[0].server.server_id == "y"
+    picks = {route_chain([server("p", 0, 6), server("q", 0, 6)], 6)[0].server.server_id for _ in range(40)}
     assert picks == {"p", "q"}
-    with pytest.raises(Unavailable, match="layers 4..5 have no server"):
+    # a hop may enter a span in the middle and leave it at the end of the range asked for
+    middle = route_chain([server("a", 0, 4), server("b", 3, 6)], 6, start=2, end=5)
+    assert [(h.server.server_id, h.span) for h in middle] in ([("a", Span(2, 4)), ("b", Span(4, 5))],
+                                                             [("a", Span(2, 3)), ("b", Span(3, 5))])
+    with pytest.raises(Unavailable, match="no online server covers layers 4..5"):
         route_chain([server("a", 0, 4)], 6)
     with pytest.raises(Unavailable):
         route_chain(servers, 6, banned={"a", "b"})
@@ -109,3 +115,14 @@ def test_frame_round_trip_and_rejections():
                                                           "nbytes": 8}]})
     with pytest.raises(ProtocolError, match="bad tensor descriptor"):
         protocol.decode(len(header).to_bytes(4, "big") + header + b"\0" * 8, 1 << 20)
+
+
+def test_bans_double_on_repeat_and_expire():
+    now = [0.0]
+    bans = Bans(base_s=15, clock=lambda: now[0])
+    assert bans.ban("a") == 15 and bans.active() == {"a"}
+    now[0] = 15.1
+    assert bans.active() == set()
+    assert bans.ban("a") == 30
+    now[0] = 45.0
+    assert bans.active() == {"a"}
