@@ -15,6 +15,7 @@ from blockserver.heartbeat import heartbeat_loop
 from blockserver.runtime import Runtime
 from blockserver.sessions import SessionHandler
 from blockserver.settings import BlockserverSettings
+from shared.compute import ComputeThread
 from shared.models.loader import load_span
 from shared.models.resolve import resolve_model, served_name
 from shared.protocol import DTYPE_NAMES
@@ -40,15 +41,16 @@ def create_app(settings: BlockserverSettings, url: str) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model_dir = await asyncio.to_thread(resolve_model, settings.model, settings.cache_dir)
+        compute = ComputeThread("compute", settings.num_threads)
+        model_dir = await compute.run(resolve_model, settings.model, settings.cache_dir)  # may convert: torch work
         state["model_name"] = settings.model_name or served_name(settings.model, model_dir)
 
         def progress(done: int, total: int) -> None:
             print(f"blockserver {server_id}: loading layers {span_wanted}: {done}/{total}", file=sys.stderr, flush=True)
 
-        span = await asyncio.to_thread(load_span, model_dir, span_wanted.start, span_wanted.end,
-                                       settings.device, settings.dtype, progress)
-        runtime = Runtime(span, settings.cache_tokens, settings.num_threads)
+        span = await compute.run(load_span, model_dir, span_wanted.start, span_wanted.end,
+                                 settings.device, settings.dtype, progress)
+        runtime = Runtime(span, settings.cache_tokens, compute)
         state["runtime"] = runtime
         state["handler"] = SessionHandler(runtime, state["model_name"], span.dtype, settings)
         heartbeat = asyncio.create_task(heartbeat_loop(settings.gateways, info, settings.heartbeat_interval_s))
@@ -59,6 +61,7 @@ def create_app(settings: BlockserverSettings, url: str) -> FastAPI:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             await runtime.shutdown()
+            compute.shutdown()
 
     app = FastAPI(title="Corolla blockserver", version=VERSION, lifespan=lifespan)
 

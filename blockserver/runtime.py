@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from shared.compute import ComputeThread
 from shared.errors import BadRequest, CacheFull
 from shared.models.base import LoadedSpan
 from shared.models.cache import SpanCache
@@ -35,17 +35,13 @@ class Session:
 
 
 class Runtime:
-    def __init__(self, span: LoadedSpan, cache_tokens: int, num_threads: int | None = None):
+    def __init__(self, span: LoadedSpan, cache_tokens: int, compute: ComputeThread):
         self.span = span
         self.cache_tokens = cache_tokens
         self.cache_tokens_left = cache_tokens
         self.sessions: dict[str, Session] = {}
         self._room = asyncio.Condition()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
-                                            initializer=_init_compute_thread, initargs=(num_threads,))
-
-    async def _compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self._compute = compute.run
 
     async def open(self, session_id: str, batch_size: int, max_length: int, alloc_timeout_s: float,
                    start: int, end: int) -> Session:
@@ -93,12 +89,8 @@ class Runtime:
     async def shutdown(self) -> None:
         for session_id in list(self.sessions):
             await self.close(session_id)
-        self._executor.shutdown(wait=True)
 
 
-def _init_compute_thread(num_threads: int | None) -> None:
-    if num_threads:
-        torch.set_num_threads(num_threads)
 
 
 def _run_step(span: LoadedSpan, session: Session, position: int, hidden, mask, hypo_ids):

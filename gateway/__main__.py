@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a blockserver with no reply to a step for this long has failed (default 30)")
     parser.add_argument("--failover-timeout", type=float, dest="failover_timeout_s", metavar="SECONDS",
                         help="how long to look for a replacement when a blockserver fails mid-generation (default 30)")
+    parser.add_argument("--no-failover", action="store_false", dest="failover", default=None,
+                        help="fail a request when a blockserver fails instead of replacing it (for comparisons)")
     parser.add_argument("--ban", type=float, dest="ban_s", metavar="SECONDS",
                         help="keep a failed blockserver out of routing this long, doubling on repeats (default 15)")
     parser.add_argument("--num-threads", type=int, help="torch threads for the ends (default: all cores)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ from gateway.model import GatewayModel
 from gateway.openai_routes import build_router
 from gateway.registry import Registry, coverage
 from gateway.settings import GatewaySettings
+from shared.compute import ComputeThread
 from shared.models.resolve import resolve_model, served_name
 from shared.records import ServerInfo
 
@@ -31,10 +31,10 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None) -> F
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        directory = await asyncio.to_thread(resolve_model, settings.model, settings.cache_dir)
+        compute = ComputeThread("gateway-compute", settings.num_threads)
+        directory = await compute.run(resolve_model, settings.model, settings.cache_dir)  # may convert: torch work
         name = settings.model_name or served_name(settings.model, directory)
-        state.model = await asyncio.to_thread(GatewayModel.load, name, directory, settings.dtype,
-                                             settings.num_threads)
+        state.model = await compute.run(GatewayModel.load, name, directory, settings.dtype, compute)
         log.info("gateway serving %s (%d layers) from %s", name, state.model.num_layers, directory)
         try:
             yield

@@ -161,6 +161,9 @@ class ChainSession:
         log.warning("session %s: %s (layers %s) failed at position %d: %s; banned for %.0fs, replacing",
                     self.session_id, failed.server.server_id, failed.span, failed.position, error, banned_for)
         self._discard(failed)
+        if not self.settings.failover:
+            self.stats.given_up += 1
+            raise Unavailable(f"layers {failed.span} lost their server ({error}) and failover is off")
         history = failed.history + ([(hidden, mask)] if hidden is not None else [])
         replay, replay_mask = _concat(history)
         deadline = time.monotonic() + self.settings.failover_timeout_s

@@ -3,14 +3,13 @@ compute thread that runs them (the event loop only does I/O)."""
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gateway.sampling import SamplingParams, choose_tokens
+from shared.compute import ComputeThread
 from shared.models.base import ModelEnds
 from shared.models.loader import load_config, load_ends, load_tokenizer, num_layers
 
@@ -26,10 +25,11 @@ class GatewayModel:
     vocab_size: int
     eos_ids: frozenset[int]
     pad_id: int
-    executor: ThreadPoolExecutor
+    compute: ComputeThread
 
     @classmethod
-    def load(cls, name: str, directory: Path, dtype: str = "float32", num_threads: int | None = None) -> GatewayModel:
+    def load(cls, name: str, directory: Path, dtype: str, compute: ComputeThread) -> GatewayModel:
+        """Runs on `compute`, the thread that will run the model."""
         config = load_config(directory)
         tokenizer = _tokenizer(directory)
         eos = _eos_ids(directory, config, tokenizer)
@@ -38,12 +38,10 @@ class GatewayModel:
             pad = next(iter(sorted(eos)), 0)
         return cls(name=name, directory=directory, ends=load_ends(directory, "cpu", dtype), tokenizer=tokenizer,
                    num_layers=num_layers(config), context_length=config.max_position_embeddings,
-                   vocab_size=config.vocab_size, eos_ids=frozenset(eos), pad_id=int(pad),
-                   executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-compute",
-                                               initializer=_init_compute_thread, initargs=(num_threads,)))
+                   vocab_size=config.vocab_size, eos_ids=frozenset(eos), pad_id=int(pad), compute=compute)
 
     async def run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await self.compute.run(fn, *args)
 
     async def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return await self.run(self.ends.embed_tokens, ids)
@@ -59,12 +57,7 @@ class GatewayModel:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False)
-
-
-def _init_compute_thread(num_threads: int | None) -> None:
-    if num_threads:
-        torch.set_num_threads(num_threads)
+        self.compute.shutdown()
 
 
 def _next_tokens(ends: ModelEnds, hidden, counts, params, generator):

@@ -18,6 +18,7 @@ class GatewaySettings(BaseSettings):
     step_timeout_s: float = Field(default=30.0, gt=0)  # a hop with no reply for this long has failed
     connect_timeout_s: float = Field(default=10.0, gt=0)
     failover_timeout_s: float = Field(default=30.0, ge=0)  # to find and rebuild a replacement for a failed hop
+    failover: bool = True  # off: a failed hop fails the request (the baseline of bench/failover.py)
     ban_s: float = Field(default=15.0, gt=0)  # a failed server is not routed to for this long (doubling on repeats)
     max_batch_rows: int = Field(default=64, ge=1)  # prompts x n per request
     max_frame_bytes: int = Field(default=64 * 2**20, ge=1024)

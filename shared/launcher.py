@@ -112,15 +112,15 @@ Press Ctrl-C to stop the swarm.
 
 def _wait_for_signal(children: list[subprocess.Popen]) -> None:
     stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    try:
-        while not stop:
-            if any(c.poll() is not None for c in children):
-                print("corolla: a process of the swarm exited; stopping", file=sys.stderr)
-                return
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+    # Installed explicitly: a shell without job control starts background commands with SIGINT
+    # ignored, and Python would then never raise KeyboardInterrupt.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.append(1))
+    while not stop:
+        if any(c.poll() is not None for c in children):
+            print("corolla: a process of the swarm exited; stopping", file=sys.stderr)
+            return
+        time.sleep(0.2)
 
 
 def _stop(children: list[subprocess.Popen]) -> None:

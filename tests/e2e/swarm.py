@@ -34,10 +34,11 @@ class Swarm:
         self.gateway: subprocess.Popen | None = None
         self.blockservers: list[subprocess.Popen] = []
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], nice: bool = False) -> subprocess.Popen:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        command = (["nice", "-n", "19"] if nice else []) + CLI + args
         with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
-            return subprocess.Popen(CLI + args, stdout=log, stderr=subprocess.STDOUT, env=env)
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def start(self, timeout_s: float = 120) -> Swarm:
         common = ["--model", self.model, "--model-name", self.model_name]
@@ -47,12 +48,12 @@ class Swarm:
         self.wait_healthy(timeout_s)
         return self
 
-    def add_blockserver(self, span: str, extra: list[str] = ()) -> subprocess.Popen:
+    def add_blockserver(self, span: str, extra: list[str] = (), nice: bool = False) -> subprocess.Popen:
         port = free_port()
         process = self._spawn(f"blockserver-{span.replace(':', '-')}-{len(self.blockservers)}", [
             "blockserver", "--model", self.model, "--model-name", self.model_name, "--blocks", span,
             "--gateway", self.url, "--heartbeat-interval", "0.5", "--num-threads", "1", "--port", str(port),
-            *self.blockserver_args, *extra])
+            *self.blockserver_args, *extra], nice=nice)
         process.url = f"http://127.0.0.1:{port}"
         process.span = span
         self.blockservers.append(process)
@@ -89,7 +90,7 @@ class Swarm:
         while time.monotonic() < deadline:
             for p in [self.gateway, *self.blockservers]:
                 if p.poll() is not None:
-                    raise RuntimeError(f"{p.args[4:7]} exited with {p.returncode}; logs in {self.log_dir}")
+                    raise RuntimeError(f"{p.args[-12:-8]} exited with {p.returncode}; logs in {self.log_dir}")
             try:
                 r = httpx.get(f"{self.url}/health", timeout=2)
                 if r.status_code == 200:
