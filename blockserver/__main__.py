@@ -16,7 +16,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model",
                         help="model directory, hub id, or 'smollm2' (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--model-name", help="name announced to gateways (default: derived from --model)")
-    parser.add_argument("--blocks", required=True, metavar="START:END", help="layers to serve, half-open, e.g. 0:10")
+    parser.add_argument("--blocks", metavar="START:END",
+                        help="layers to serve, half-open, e.g. 0:10 (default: choose them from the swarm, and "
+                             "move when the swarm would be faster)")
+    parser.add_argument("--num-blocks", type=int,
+                        help="without --blocks: how many layers to serve (default: as many as fit in --max-memory)")
+    parser.add_argument("--max-memory", type=float, dest="max_memory_gib", metavar="GIB",
+                        help="memory for weights and KV cache, to size --num-blocks (default: half the free memory)")
+    parser.add_argument("--throughput", type=float,
+                        help="tokens/s to announce (default: measured once per model, device and dtype, then cached)")
+    parser.add_argument("--balance-period", type=float, dest="balance_period_s", metavar="SECONDS",
+                        help="mean seconds between rebalancing checks (default 60)")
+    parser.add_argument("--balance-quality", type=float,
+                        help="move when the swarm's weakest layer would grow by more than 1/this (default 0.75)")
+    parser.add_argument("--join-delay", type=float, dest="join_delay_s", metavar="SECONDS",
+                        help="wait up to this long (at random) before choosing a span (default 2)")
+    parser.add_argument("--swarm-secret", help="the swarm's join secret, required by gateways started with one")
     parser.add_argument("--gateway", action="append", dest="gateways", metavar="URL",
                         help="a gateway to heartbeat to (repeat for several), e.g. http://10.0.0.2:8000")
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")

@@ -40,6 +40,7 @@ class Runtime:
         self.cache_tokens = cache_tokens
         self.cache_tokens_left = cache_tokens
         self.sessions: dict[str, Session] = {}
+        self.sessions_opened = 0  # since start: shows where routing sent sessions
         self._room = asyncio.Condition()
         self._compute = compute.run
 
@@ -65,6 +66,7 @@ class Runtime:
             raise
         session = Session(session_id, batch_size, max_length, cache, start, end)
         self.sessions[session_id] = session
+        self.sessions_opened += 1
         return session
 
     async def step(self, session: Session, position: int, hidden: torch.Tensor, mask: torch.Tensor | None,

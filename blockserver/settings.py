@@ -9,7 +9,14 @@ class BlockserverSettings(BaseSettings):
 
     model: str | None = None  # reference: directory, hub id, or None/'smollm2'
     model_name: str | None = None  # name announced to gateways (defaults to the model's served name)
-    blocks: str  # START:END
+    blocks: str | None = None  # START:END; None: choose a span from the swarm (and rebalance)
+    num_blocks: int | None = Field(default=None, ge=1)  # with no --blocks; None: as many as fit in memory
+    max_memory_gib: float | None = Field(default=None, gt=0)  # for weights + cache; None: half the free memory
+    throughput: float | None = Field(default=None, ge=0)  # announced tokens/s; None: measured (cached)
+    balance_period_s: float = Field(default=60.0, gt=0)  # rebalancing checks every U(0, 2 x period)
+    balance_quality: float = Field(default=0.75, gt=0)  # move when current/new weakest layer < this
+    join_delay_s: float = Field(default=2.0, ge=0)  # random wait before choosing a span
+    swarm_secret: str | None = None  # sent with every registry request
     gateways: list[str] = Field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail a request when a blockserver fails instead of replacing it (for comparisons)")
     parser.add_argument("--ban", type=float, dest="ban_s", metavar="SECONDS",
                         help="keep a failed blockserver out of routing this long, doubling on repeats (default 15)")
+    parser.add_argument("--swarm-secret", help="require this join secret of blockservers' heartbeats")
+    parser.add_argument("--ping-interval", type=float, dest="ping_interval_s", metavar="SECONDS",
+                        help="how often to measure the round trip to each blockserver, for routing (default 5)")
     parser.add_argument("--num-threads", type=int, help="torch threads for the ends (default: all cores)")
     parser.add_argument("--cache-dir", help="where converted models are kept (default ~/.cache/corolla)")
 

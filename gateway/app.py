@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -16,17 +17,19 @@ from gateway.errors import install_handlers
 from gateway.generation import SwarmView
 from gateway.model import GatewayModel
 from gateway.openai_routes import build_router
+from gateway.pings import ping_loop
 from gateway.registry import Registry, coverage
+from gateway.routing import Costs
 from gateway.settings import GatewaySettings
+from gateway.swarm_routes import build_swarm_router
 from shared.compute import ComputeThread
 from shared.models.resolve import resolve_model, served_name
-from shared.records import ServerInfo
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: GatewaySettings, registry: Registry | None = None) -> FastAPI:
-    swarm = SwarmView(registry or Registry(), Bans(settings.ban_s), FailoverStats())
+    swarm = SwarmView(registry or Registry(), Bans(settings.ban_s), FailoverStats(), Costs())
     state = SimpleNamespace(settings=settings, swarm=swarm, model=None, started_at=int(time.time()))
 
     @asynccontextmanager
@@ -36,26 +39,20 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None) -> F
         name = settings.model_name or served_name(settings.model, directory)
         state.model = await compute.run(GatewayModel.load, name, directory, settings.dtype, compute)
         log.info("gateway serving %s (%d layers) from %s", name, state.model.num_layers, directory)
+        pings = asyncio.create_task(ping_loop(lambda: swarm.registry.online(name), swarm.costs,
+                                              settings.ping_interval_s))
         try:
             yield
         finally:
+            pings.cancel()
+            await asyncio.gather(pings, return_exceptions=True)
             state.model.close()
 
     app = FastAPI(title="Corolla gateway", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API over a swarm of blockservers.")
     install_handlers(app, settings.retry_after_s)
     app.include_router(build_router(state))
-
-    @app.post("/registry/heartbeat")
-    async def heartbeat(info: ServerInfo):
-        """A blockserver's heartbeat: its record, renewed for its TTL (offline removes it)."""
-        state.swarm.registry.heartbeat(info)
-        return {"ok": True}
-
-    @app.get("/registry/servers")
-    async def servers():
-        """Every live blockserver record, of every model."""
-        return [s.model_dump(mode="json") for s in state.swarm.registry.servers()]
+    app.include_router(build_swarm_router(state))
 
     @app.get("/health")
     async def health():

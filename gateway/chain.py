@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
 from gateway.bans import Bans
-from gateway.routing import Hop, route_chain
+from gateway.routing import Costs, Hop, route_chain
 from shared import protocol
 from shared.errors import BadRequest, CacheFull, ProtocolError, SessionLost, Unavailable
 from shared.records import ServerInfo
@@ -43,8 +43,11 @@ class FailoverStats:
 class RemoteSpan:
     """One session on one blockserver, running the hop's layers."""
 
-    def __init__(self, hop: Hop, session_id: str, settings):
+    def __init__(self, hop: Hop, session_id: str, settings, load: dict[str, int]):
         self.server, self.span = hop.server, hop.span
+        self._load = load  # this gateway's sessions per server, counted from routing to close
+        load[self.server.server_id] = load.get(self.server.server_id, 0) + 1
+        self._counted = True
         self.session_id = session_id
         self.connect_timeout_s, self.step_timeout_s = settings.connect_timeout_s, settings.step_timeout_s
         self.max_frame_bytes = settings.max_frame_bytes
@@ -96,6 +99,9 @@ class RemoteSpan:
         return message
 
     async def close(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._load[self.server.server_id] -= 1
         if self.ws is None:
             return
         try:
@@ -112,9 +118,10 @@ class ChainSession:
     """A generation's sessions on every hop of its chain, opened together, closed together."""
 
     def __init__(self, hops: list[Hop], model: str, num_layers: int, batch_size: int, max_length: int, settings,
-                 servers: Callable[[], list[ServerInfo]], bans: Bans, stats: FailoverStats):
+                 servers: Callable[[], list[ServerInfo]], bans: Bans, stats: FailoverStats, costs: Costs):
         self.session_id = f"sess-{uuid.uuid4().hex[:12]}"
-        self.spans = [RemoteSpan(h, self.session_id, settings) for h in hops]
+        self.costs = costs
+        self.spans = [RemoteSpan(h, self.session_id, settings, costs.load) for h in hops]
         self.model, self.num_layers = model, num_layers
         self.batch_size, self.max_length = batch_size, max_length
         self.settings, self.servers, self.bans, self.stats = settings, servers, bans, stats
@@ -170,9 +177,10 @@ class ChainSession:
         while True:
             replacement: list[RemoteSpan] = []
             try:
-                hops = route_chain(self.servers(), self.num_layers, self.bans.active(),
-                                   start=failed.span.start, end=failed.span.end)
-                replacement = [RemoteSpan(h, self.session_id, self.settings) for h in hops]
+                hops = route_chain(self.servers(), self.num_layers, self.bans.active(), start=failed.span.start,
+                                   end=failed.span.end, costs=self.costs,
+                                   cache_tokens=self.batch_size * self.max_length)
+                replacement = [RemoteSpan(h, self.session_id, self.settings, self.costs.load) for h in hops]
                 for span in replacement:
                     await self._guarded(span, span.open(self.model, self.batch_size, self.max_length))
                 out = replay

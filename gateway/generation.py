@@ -14,7 +14,7 @@ from gateway.bans import Bans
 from gateway.chain import ChainSession, FailoverStats
 from gateway.model import GatewayModel
 from gateway.registry import Registry
-from gateway.routing import route_chain
+from gateway.routing import Costs, route_chain
 from gateway.sampling import SamplingParams
 from gateway.stops import releasable
 
@@ -28,6 +28,7 @@ class SwarmView:
     registry: Registry
     bans: Bans
     failovers: FailoverStats
+    costs: Costs  # measured RTTs and this gateway's sessions per server
 
 
 @dataclass
@@ -83,10 +84,11 @@ async def generate(request: GenerationRequest, model: GatewayModel, swarm: Swarm
     generator = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
     counts = torch.zeros(len(rows), model.vocab_size)
     servers = functools.partial(swarm.registry.online, model.name)
-    hops = route_chain(servers(), model.num_layers, swarm.bans.active())
     max_length = ids.shape[1] + request.max_tokens
+    hops = route_chain(servers(), model.num_layers, swarm.bans.active(), costs=swarm.costs,
+                       cache_tokens=len(rows) * max_length)
     async with ChainSession(hops, model.name, model.num_layers, len(rows), max_length, settings, servers,
-                            swarm.bans, swarm.failovers) as session:
+                            swarm.bans, swarm.failovers, swarm.costs) as session:
         log.info("session %s: %d rows, chain %s", session.session_id, len(rows),
                  " -> ".join(f"{h.server.server_id}[{h.span}]" for h in hops))
         hidden = await session.step(await model.embed(ids), mask if bool((mask == 0).any()) else None)

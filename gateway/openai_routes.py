@@ -110,7 +110,7 @@ def build_router(state) -> APIRouter:
         """Fail with 503 before any streaming starts when no chain covers the model."""
         try:
             route_chain(state.swarm.registry.online(state.model.name), state.model.num_layers,
-                        state.swarm.bans.active())
+                        state.swarm.bans.active(), costs=state.swarm.costs)
         except CorollaError as exc:
             raise from_corolla(exc, state.settings.retry_after_s) from exc
 

@@ -22,4 +22,6 @@ class GatewaySettings(BaseSettings):
     ban_s: float = Field(default=15.0, gt=0)  # a failed server is not routed to for this long (doubling on repeats)
     max_batch_rows: int = Field(default=64, ge=1)  # prompts x n per request
     max_frame_bytes: int = Field(default=64 * 2**20, ge=1024)
+    swarm_secret: str | None = None  # required of blockservers' registry requests when set
+    ping_interval_s: float = Field(default=5.0, gt=0)  # how often the gateway measures its RTT to each server
     retry_after_s: int = Field(default=5, ge=1)

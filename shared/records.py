@@ -58,17 +58,17 @@ class ServerInfo(BaseModel):
     start: int = Field(ge=0)
     end: int = Field(ge=1)
     state: ServerState = ServerState.online
-    throughput: float = Field(default=1.0, ge=0)  # tokens/s the server can sustain
-    inference_rps: float = Field(default=1.0, ge=0)
-    forward_rps: float = Field(default=1.0, ge=0)
-    network_rps: float = Field(default=1.0, ge=0)
+    throughput: float = Field(default=1.0, ge=0)  # tokens/s the server can sustain (span choice)
+    inference_rps: float = Field(default=0.0, ge=0)  # decode tokens/s per layer (routing); 0: unknown
+    forward_rps: float = Field(default=0.0, ge=0)  # prefill tokens/s per layer; 0: unknown
+    network_rps: float = Field(default=0.0, ge=0)  # 0: unknown
     cache_tokens_left: int = Field(default=0, ge=0)
     sessions: int = Field(default=0, ge=0)  # open inference sessions
     dtype: str = "float32"
     quant: str = "none"
     adapters: list[str] = Field(default_factory=list)
     version: str = ""
-    next_pings: dict[str, float] = Field(default_factory=dict)
+    next_pings: dict[str, float] = Field(default_factory=dict)  # RTT (s) to servers that may follow
     public_name: str = ""
     ttl_s: float = Field(default=15.0, gt=0, le=3600)
 

@@ -48,11 +48,16 @@ class Swarm:
         self.wait_healthy(timeout_s)
         return self
 
-    def add_blockserver(self, span: str, extra: list[str] = (), nice: bool = False) -> subprocess.Popen:
-        port = free_port()
-        process = self._spawn(f"blockserver-{span.replace(':', '-')}-{len(self.blockservers)}", [
-            "blockserver", "--model", self.model, "--model-name", self.model_name, "--blocks", span,
-            "--gateway", self.url, "--heartbeat-interval", "0.5", "--num-threads", "1", "--port", str(port),
+    def add_blockserver(self, span: str | None, extra: list[str] = (), nice: bool = False,
+                        port: int | None = None, gateways: list[str] | None = None) -> subprocess.Popen:
+        """A blockserver serving `span` ('START:END'), or choosing its own when None."""
+        port = port or free_port()
+        where = ["--blocks", span] if span else []
+        for url in gateways or [self.url]:
+            where += ["--gateway", url]
+        process = self._spawn(f"blockserver-{(span or 'auto').replace(':', '-')}-{len(self.blockservers)}", [
+            "blockserver", "--model", self.model, "--model-name", self.model_name, *where,
+            "--heartbeat-interval", "0.5", "--num-threads", "1", "--port", str(port),
             *self.blockserver_args, *extra], nice=nice)
         process.url = f"http://127.0.0.1:{port}"
         process.span = span

@@ -1,0 +1,41 @@
+"""`corolla status`: the swarm as a gateway sees it, printed in a terminal."""
+
+from __future__ import annotations
+
+import argparse
+
+import httpx
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway", default="http://127.0.0.1:8000", help="gateway URL (default http://127.0.0.1:8000)")
+
+
+def render(snap: dict) -> str:
+    n = snap["num_layers"]
+    width = max([len(s["server_id"]) for s in snap["servers"]] + [6])
+    lines = [f"{snap['model']}: {n} layers, {len(snap['servers'])} servers, "
+             + ("every layer served" if not snap["missing_layers"] else f"MISSING layers {snap['missing_layers']}"), ""]
+    lines.append(f"{'server':{width}}  {'layers':{n}}  span     state    tok/s  sessions  free cache     RTT")
+    for s in snap["servers"]:
+        bar = "".join("█" if s["start"] <= i < s["end"] else "·" for i in range(n))
+        rtt = "–" if s["rtt_ms"] is None else f"{s['rtt_ms']:.1f} ms"
+        lines.append(f"{s['server_id']:{width}}  {bar}  {s['start']:>3}:{s['end']:<3}  {s['state']:8} "
+                     f"{s['throughput']:6.1f}  {s['sessions']:8d}  {s['cache_tokens_left']:10d}  {rtt:>7}")
+    cover = "".join(str(c) if c < 10 else "+" for c in snap["coverage"])
+    lines.append(f"{'per layer':{width}}  {cover}")
+    f = snap["failover"]
+    lines.append(f"\nfailovers: {f['failures']} failures, {f['recoveries']} recovered, {f['given_up']} given up")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    url = args.gateway.rstrip("/")
+    try:
+        response = httpx.get(f"{url}/v1/swarm", timeout=10)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"corolla: cannot read {url}/v1/swarm: {exc}")
+        return 1
+    print(render(response.json()))
+    return 0
