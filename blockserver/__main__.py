@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+from urllib.parse import urlparse
 
 import uvicorn
 
@@ -52,6 +53,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="where converted models are kept (default ~/.cache/corolla)")
 
 
+def _address_towards(url: str) -> str:
+    """This machine's address on the route to `url` (a UDP connect sends nothing)."""
+    target = urlparse(url)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((target.hostname, target.port or 80))
+            return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
 def run(args: argparse.Namespace) -> int:
     fields = {k: v for k, v in vars(args).items() if k in BlockserverSettings.model_fields and v is not None}
     settings = BlockserverSettings(**fields)
@@ -60,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
     port = sock.getsockname()[1]
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):  # listening everywhere: announce the address that reaches the gateway
+        host = _address_towards(settings.gateways[0]) if settings.gateways else "127.0.0.1"
     url = (settings.public_url or f"http://{host}:{port}").rstrip("/")
     print(f"blockserver listening on {settings.host}:{port}, announced as {url}", flush=True)
     app = create_app(settings, url)
