@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import httpx
 
@@ -30,6 +31,7 @@ def render(snap: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     url = args.gateway.rstrip("/")
     try:
         response = httpx.get(f"{url}/v1/swarm", timeout=10)
