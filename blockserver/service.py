@@ -20,7 +20,7 @@ from blockserver.settings import BlockserverSettings
 from blockserver.throughput import Throughput, measure
 from shared.balancing import Placement, choose_span, placements, should_move
 from shared.compute import ComputeThread
-from shared.models.base import _get, build_skeleton, resolve_dtype
+from shared.models.base import build_skeleton, resolve_dtype
 from shared.models.loader import family_for, load_config, load_span, num_layers
 from shared.models.resolve import DEFAULT_CACHE_DIR, resolve_model, served_name
 from shared.protocol import DTYPE_NAMES
@@ -205,7 +205,7 @@ def blocks_for_memory(config, settings: BlockserverSettings) -> int:
     """How many layers fit in --max-memory (default: half the machine's available memory), with
     their share of the KV-cache budget."""
     dtype = resolve_dtype(settings.dtype, config)
-    layer = _get(build_skeleton(config), family_for(config).layers_path)[0]
+    layer = build_skeleton(config).get_submodule(family_for(config).layers_path)[0]
     layer_bytes = sum(p.numel() for p in layer.parameters()) * dtype.itemsize
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

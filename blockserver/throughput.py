@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from shared.models.base import _get, build_skeleton, resolve_dtype
+from shared.models.base import build_skeleton, resolve_dtype
 from shared.models.loader import family_for, load_config
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def _measure(config, device: str, dtype: torch.dtype) -> Throughput:
 
     family = family_for(config)
     skeleton = build_skeleton(config)
-    layer = _get(skeleton, family.layers_path)[0]
+    layer = skeleton.get_submodule(family.layers_path)[0]
     layer.to_empty(device=device)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.02)

@@ -64,7 +64,7 @@ class Family:
         return {n: checkpoint.read(prefix + n) for n in names if prefix + n in checkpoint}
 
     def rotary(self, skeleton: nn.Module, config, device) -> nn.Module | None:
-        module = getattr(_get(skeleton, self.base_path), "rotary_emb", None)
+        module = getattr(skeleton.get_submodule(self.base_path), "rotary_emb", None)
         if module is None:
             return None
         # Built on the real device: its inverse frequencies are computed, not loaded.
@@ -89,15 +89,9 @@ class Family:
 
     # ---- gateway ends
     def end_modules(self, skeleton: nn.Module) -> dict[str, nn.Module]:
-        base = _get(skeleton, self.base_path)
+        base = skeleton.get_submodule(self.base_path)
         return {"embed": skeleton.get_input_embeddings(), "norm": getattr(base, self.final_norm),
                 "head": skeleton.get_output_embeddings()}
-
-
-def _get(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def build_skeleton(config) -> nn.Module:
@@ -123,7 +117,7 @@ def materialize(module: nn.Module, tensors: dict[str, torch.Tensor], device, dty
             raise BadRequest(f"{what}: {name} has shape {tuple(tensor.shape)} in the checkpoint, "
                              f"{tuple(expected[name].shape)} in the config")
         owner_path, _, leaf = name.rpartition(".")
-        owner = _get(module, owner_path) if owner_path else module
+        owner = module.get_submodule(owner_path) if owner_path else module
         value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         if leaf in owner._parameters:
             owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)

@@ -4,7 +4,7 @@ embedding LayerNorm belongs to the gateway's ends; blocks return a tuple."""
 import torch
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
-from shared.models.base import Family, LoadedSpan, StepInputs, _get
+from shared.models.base import Family, LoadedSpan, StepInputs
 from shared.models.masks import additive_mask
 
 
@@ -34,5 +34,5 @@ class BloomFamily(Family):
 
     def end_modules(self, skeleton):
         modules = super().end_modules(skeleton)
-        modules["embed_norm"] = _get(skeleton, self.base_path).word_embeddings_layernorm
+        modules["embed_norm"] = skeleton.get_submodule(self.base_path).word_embeddings_layernorm
         return modules

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from shared.errors import BadRequest, UnsupportedModel
-from shared.models.base import Family, LoadedSpan, ModelEnds, _get, build_skeleton, materialize, resolve_dtype
+from shared.models.base import Family, LoadedSpan, ModelEnds, build_skeleton, materialize, resolve_dtype
 from shared.models.bloom import BloomFamily
 from shared.models.checkpoint import Checkpoint
 from shared.models.falcon import FalconFamily
@@ -59,7 +59,7 @@ def load_span(model_dir: Path, start: int, end: int, device: str | torch.device 
     started = time.monotonic()
     skeleton = build_skeleton(config)
     config = skeleton.config  # carries the attention implementation chosen for this machine
-    all_layers = _get(skeleton, family.layers_path)
+    all_layers = skeleton.get_submodule(family.layers_path)
     checkpoint = Checkpoint(model_dir)
     layers = torch.nn.ModuleList()
     loaded = 0

@@ -77,6 +77,16 @@ def run_and_compare(chain, ref, ids, mask, new_ids, new_mask, what):
     return got
 
 
+def prefill_and_decode(chain, ref, ids, mask, steps, what):
+    """Prefill the batch, then `steps` greedy decode steps, comparing every step's logits."""
+    logits = run_and_compare(chain, ref, ids, mask, ids, mask, f"{what} prefill")
+    for step in range(steps):
+        token = logits.argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+        logits = run_and_compare(chain, ref, ids, mask, token, None, f"{what} step {step}")
+    return ids, mask, logits
+
+
 @pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chain_matches_whole_model(tiny_dir, family, parts):
@@ -85,11 +95,7 @@ def test_chain_matches_whole_model(tiny_dir, family, parts):
     ids, mask = left_padded_batch()
 
     # prefill, then 22 greedy decode steps (past the 8-token sliding windows)
-    logits = run_and_compare(chain, ref, ids, mask, ids, mask, f"{family}/{parts} prefill")
-    for step in range(22):
-        token = logits.argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-        logits = run_and_compare(chain, ref, ids, mask, token, None, f"{family}/{parts} step {step}")
+    ids, mask, logits = prefill_and_decode(chain, ref, ids, mask, 22, f"{family}/{parts}")
 
     # beam-style reorder: rows 0 and 1 continue from the old row 2, row 2 from the old row 0
     hypo_ids = torch.tensor([2, 2, 0])
@@ -116,11 +122,7 @@ def test_sharded_checkpoint(tiny_dir, family):
     assert len(list(directory.glob("*.safetensors"))) > 2
     chain, ref = Chain(directory, SPLITS[3], batch_size=3), Reference(directory, family)
     ids, mask = left_padded_batch()
-    logits = run_and_compare(chain, ref, ids, mask, ids, mask, f"{family} sharded prefill")
-    for step in range(20):
-        token = logits.argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-        logits = run_and_compare(chain, ref, ids, mask, token, None, f"{family} sharded step {step}")
+    prefill_and_decode(chain, ref, ids, mask, 20, f"{family} sharded")
 
 
 def _max_diff_over_generation(chain, ref, ids, mask, steps, chain_mask):
