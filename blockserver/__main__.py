@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device: cpu, cuda, cuda:1 … (default cpu)")
     parser.add_argument("--cache-tokens", type=int,
                         help="KV-cache budget in tokens (batch × length summed over open sessions; default 16384)")
+    parser.add_argument("--prefill-chunk", type=int, dest="prefill_chunk_tokens", metavar="TOKENS",
+                        help="run longer steps (prompts, failover replays) in chunks of this many tokens (default 512)")
     parser.add_argument("--heartbeat-interval", type=float, dest="heartbeat_interval_s",
                         metavar="SECONDS", help="seconds between heartbeats; records expire after 3 (default 2)")
     parser.add_argument("--idle-timeout", type=float, dest="idle_timeout_s", metavar="SECONDS",

@@ -35,8 +35,9 @@ class Session:
 
 
 class Runtime:
-    def __init__(self, span: LoadedSpan, cache_tokens: int, compute: ComputeThread):
+    def __init__(self, span: LoadedSpan, cache_tokens: int, compute: ComputeThread, prefill_chunk_tokens: int = 512):
         self.span = span
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.cache_tokens = cache_tokens
         self.cache_tokens_left = cache_tokens
         self.sessions: dict[str, Session] = {}
@@ -71,7 +72,8 @@ class Runtime:
 
     async def step(self, session: Session, position: int, hidden: torch.Tensor, mask: torch.Tensor | None,
                    hypo_ids: torch.Tensor | None) -> torch.Tensor:
-        return await self._compute(_run_step, self.span, session, position, hidden, mask, hypo_ids)
+        return await self._compute(_run_step, self.span, session, position, hidden, mask, hypo_ids,
+                                   self.prefill_chunk_tokens)
 
     async def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return await self._compute(self.span.forward, hidden, mask)
@@ -95,11 +97,17 @@ class Runtime:
 
 
 
-def _run_step(span: LoadedSpan, session: Session, position: int, hidden, mask, hypo_ids):
+def _run_step(span: LoadedSpan, session: Session, position: int, hidden, mask, hypo_ids, chunk: int):
     session.cache.truncate(position)  # replays and rollbacks resend from `position`
     if hypo_ids is not None:
         session.cache.reorder(hypo_ids)
-    return span.step(hidden, session.cache, mask, session.start, session.end)
+    # Long prefills (and failover replays) go in chunks, so that the attention scores of one
+    # chunk [batch, heads, chunk, position + chunk] bound the memory, not those of the whole prompt.
+    outputs = []
+    for start in range(0, hidden.shape[1], chunk):
+        piece_mask = None if mask is None else mask[:, start:start + chunk]
+        outputs.append(span.step(hidden[:, start:start + chunk], session.cache, piece_mask, session.start, session.end))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
 def _drop(session: Session) -> None:

@@ -105,7 +105,7 @@ class Blockserver:
 
         loaded = await self.compute.run(load_span, self.model_dir, span.start, span.end, self.settings.device,
                                         self.settings.dtype, progress)
-        self.runtime = Runtime(loaded, self.settings.cache_tokens, self.compute)
+        self.runtime = Runtime(loaded, self.settings.cache_tokens, self.compute, self.settings.prefill_chunk_tokens)
         self.state = ServerState.online
         await self.heartbeat_now()
         log.info("blockserver %s serving %s layers %s at %s", self.server_id, self.model_name, span, self.url)

@@ -27,6 +27,7 @@ class BlockserverSettings(BaseSettings):
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     idle_timeout_s: float = Field(default=300.0, gt=0)  # a session with no message for this long is freed
     alloc_timeout_s: float = Field(default=5.0, ge=0)  # how long `open` waits for cache room
+    prefill_chunk_tokens: int = Field(default=512, ge=1)  # long steps run in chunks of this many tokens
     max_frame_bytes: int = Field(default=64 * 2**20, ge=1024)
     num_threads: int | None = None  # torch threads of the compute thread (default: torch's choice)
     cache_dir: str | None = None

@@ -1,0 +1,69 @@
+"""The blockserver's runtime without sockets: chunked prefill, the cache budget, sub-spans."""
+
+import asyncio
+
+import pytest
+import torch
+
+from blockserver.runtime import Runtime
+from shared.compute import ComputeThread
+from shared.errors import CacheFull
+from shared.models.loader import load_span
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_chunked_prefill_equals_one_step(tiny_dir):
+    span = load_span(tiny_dir("mistral"), 0, 6, dtype="float32")  # sliding windows across chunk edges
+    compute = ComputeThread("test")
+    hidden = torch.randn(2, 37, span.hidden_size, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 37, dtype=torch.long)
+    mask[1, :5] = 0
+
+    async def prefill(chunk):
+        runtime = Runtime(span, 10_000, compute, prefill_chunk_tokens=chunk)
+        session = await runtime.open("s", 2, 64, 1.0, 0, 6)
+        out = await runtime.step(session, 0, hidden, mask, None)
+        after = await runtime.step(session, 37, hidden[:, :1], None, None)
+        return out, after
+
+    whole, whole_next = run(prefill(512))
+    chunked, chunked_next = run(prefill(8))
+    real = mask.bool()
+    torch.testing.assert_close(chunked[real], whole[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked_next, whole_next, atol=1e-5, rtol=0)
+    compute.shutdown()
+
+
+def test_cache_budget_is_reserved_and_released(tiny_dir):
+    span = load_span(tiny_dir("llama"), 0, 2, dtype="float32")
+    compute = ComputeThread("test")
+
+    async def scenario():
+        runtime = Runtime(span, 1000, compute)
+        await runtime.open("a", 2, 300, 0.1, 0, 2)
+        assert runtime.cache_tokens_left == 400
+        with pytest.raises(CacheFull):
+            await runtime.open("b", 1, 500, 0.1, 0, 2)  # waits 0.1 s for room, then refuses
+        waiter = asyncio.create_task(runtime.open("c", 1, 500, 5.0, 0, 2))
+        await asyncio.sleep(0.05)
+        await runtime.close("a")  # frees room: the waiting open goes through
+        await waiter
+        assert runtime.cache_tokens_left == 500
+        with pytest.raises(CacheFull, match="whole cache budget"):
+            await runtime.open("d", 1, 2000, 0.1, 0, 2)
+
+    run(scenario())
+    compute.shutdown()
+
+
+def test_a_session_may_run_part_of_the_span(tiny_dir):
+    directory = tiny_dir("llama")
+    whole = load_span(directory, 0, 4, dtype="float32")
+    part = load_span(directory, 2, 4, dtype="float32")
+    hidden = torch.randn(1, 5, whole.hidden_size)
+    middle = whole.step(hidden, whole.new_cache(1, 8), end=2)
+    torch.testing.assert_close(whole.step(middle, whole.new_cache(1, 8), start=2), part.step(middle, part.new_cache(1, 8)),
+                               atol=1e-6, rtol=0)
