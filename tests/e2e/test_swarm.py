@@ -5,6 +5,7 @@ concurrent sessions; the /swarm page in headless Chromium."""
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -159,7 +160,7 @@ def test_swarm_views_and_a_screenshot_of_the_page(swarms):
     assert snap["coverage"] == [1, 1, 2, 2, 1, 1] and len(snap["servers"]) == 3
     page = httpx.get(f"{swarm.url}/swarm").text
     assert all(s["server_id"] in page for s in snap["servers"]) and 'http-equiv="refresh"' in page
-    status = subprocess.run(["python", "-m", "shared.cli", "status", "--gateway", swarm.url],
+    status = subprocess.run([sys.executable, "-m", "shared.cli", "status", "--gateway", swarm.url],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and "every layer served" in status.stdout
     assert all(s["server_id"] in status.stdout for s in snap["servers"])
