@@ -137,6 +137,9 @@ def build_router(state) -> APIRouter:
         _check_model(body.model)
         if body.logprobs or body.top_logprobs:
             raise APIError(400, "`logprobs` is not supported by this server", param="logprobs")
+        for field in ("tools", "functions"):  # a model answering without its tools would mislead the client
+            if (body.model_extra or {}).get(field):
+                raise APIError(400, f"`{field}` is not supported by this server", param=field)
         model: GatewayModel = state.model
         if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
             raise APIError(400, f"model {model.name} has no chat template; use /v1/completions", param="messages")

@@ -49,6 +49,8 @@ def bad_chats(model):
         ({"model": model, "messages": "hello"}, 400, "messages"),
         ({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -5}, 400,
          "max_completion_tokens"),
+        ({"model": model, "messages": [{"role": "user", "content": "hi"}],
+          "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
     ]
 
 
