@@ -41,7 +41,6 @@ def resolve_dtype(name: str, config) -> torch.dtype:
 class StepInputs:
     """What every layer of a span needs for one step, built once per step."""
 
-    hidden_dtype: torch.dtype
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
     position_ids: torch.Tensor | None = None  # [batch, tokens]
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -23,7 +23,6 @@ class BloomFamily(Family):
 
     def prepare(self, span: LoadedSpan, hidden: torch.Tensor, full_mask: torch.Tensor) -> StepInputs:
         return StepInputs(
-            hidden_dtype=hidden.dtype,
             masks={None: additive_mask(full_mask, hidden.shape[1], hidden.dtype)},
             alibi=build_alibi_tensor(full_mask, span.config.n_head, hidden.dtype),
         )

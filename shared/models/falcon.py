@@ -28,7 +28,7 @@ class FalconFamily(Family):
         config = span.config
         mask = additive_mask(full_mask, tokens, hidden.dtype)
         position_ids = positions(full_mask, tokens)
-        inputs = StepInputs(hidden_dtype=hidden.dtype, position_ids=position_ids)
+        inputs = StepInputs(position_ids=position_ids)
         if config.alibi:
             heads = config.num_attention_heads
             alibi = build_alibi_tensor(full_mask, heads, dtype=hidden.dtype)

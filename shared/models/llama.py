@@ -19,7 +19,6 @@ class LlamaFamily(Family):
         tokens = hidden.shape[1]
         position_ids = positions(full_mask, tokens)
         return StepInputs(
-            hidden_dtype=hidden.dtype,
             masks={w: additive_mask(full_mask, tokens, hidden.dtype, w) for w in set(span.windows)},
             position_ids=position_ids,
             position_embeddings=span.rotary(hidden, position_ids=position_ids),
