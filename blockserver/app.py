@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: BlockserverSettings, url: str) -> FastAPI:
     """`url` is the address announced to gateways (the public URL, or where this server listens)."""
     service = Blockserver(settings, url)
-    handler = SessionHandler(lambda: service.runtime, "", settings)
+    handler = SessionHandler(service, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -27,7 +27,6 @@ def create_app(settings: BlockserverSettings, url: str) -> FastAPI:
         tasks = [heartbeat]
         try:
             await service.start()
-            handler.model_name = service.model_name
             if service.fixed_span is None:
                 tasks.append(asyncio.create_task(service.rebalance_loop()))
             yield

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 import torch
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -23,9 +22,9 @@ MAX_BATCH = 256
 
 
 class SessionHandler:
-    def __init__(self, current: Callable[[], Runtime | None], model_name: str, settings):
-        self.current = current  # the runtime serving now (it changes when the server moves)
-        self.model_name = model_name
+    def __init__(self, service, settings):
+        # the Blockserver: its `runtime` (None while loading or moving) and `model_name`
+        self.service = service
         self.settings = settings
 
     async def serve(self, ws: WebSocket) -> None:
@@ -51,7 +50,7 @@ class SessionHandler:
                         await ws.close()
                         return
                     if session is None:
-                        runtime = self.current()
+                        runtime = self.service.runtime  # changes when the server moves
                         if runtime is None:
                             raise Unavailable("this server is loading or moving; try another")
                     reply, session = await self._handle(runtime, message, session)
@@ -90,8 +89,8 @@ class SessionHandler:
         batch_size, max_length = message.get("batch_size", 1), message.get("max_length")
         if not isinstance(session_id, str) or not 0 < len(session_id) <= 128:
             raise BadRequest("open needs a session_id string of 1-128 characters")
-        if model != self.model_name:
-            raise BadRequest(f"this server serves {self.model_name!r}, not {model!r}")
+        if model != self.service.model_name:
+            raise BadRequest(f"this server serves {self.service.model_name!r}, not {model!r}")
         if (not isinstance(start_end, list) or len(start_end) != 2 or not all(_is_int(x) for x in start_end)
                 or not span.start <= start_end[0] < start_end[1] <= span.end):
             raise BadRequest(f"span must be [start, end) within this server's layers [{span.start}, {span.end}), "

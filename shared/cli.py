@@ -41,32 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     from blockserver import __main__ as blockserver_main
     from gateway import __main__ as gateway_main
-    from shared import launcher
+    from shared import launcher, status
 
-    up = sub.add_parser("up", help="start a gateway and blockservers on this machine",
-                        description=launcher.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    launcher.add_arguments(up)
-    up.set_defaults(run=launcher.run)
-
-    gateway = sub.add_parser("gateway", help="run the OpenAI-compatible gateway and registry",
-                             description="Serve the OpenAI API for MODEL, drive generations through chains of "
-                                         "blockservers, and host the registry they heartbeat to.")
-    gateway_main.add_arguments(gateway)
-    gateway.set_defaults(run=gateway_main.run)
-
-    blockserver = sub.add_parser("blockserver", help="serve a span of a model's layers",
-                                 description="Load layers START:END of MODEL, serve them over WebSocket sessions, "
-                                             "and heartbeat to every --gateway.")
-    blockserver_main.add_arguments(blockserver)
-    blockserver.set_defaults(run=blockserver_main.run)
-
-    from shared import status
-
-    show = sub.add_parser("status", help="print the swarm a gateway sees",
-                          description="Print the servers, spans, speed, free cache and per-layer coverage "
-                                      "of the swarm behind a gateway (its /v1/swarm).")
-    status.add_arguments(show)
-    show.set_defaults(run=status.run)
+    # (name, module with add_arguments/run, help, description)
+    roles = [
+        ("up", launcher, "start a gateway and blockservers on this machine", launcher.DESCRIPTION),
+        ("gateway", gateway_main, "run the OpenAI-compatible gateway and registry",
+         "Serve the OpenAI API for MODEL, drive generations through chains of blockservers, and host "
+         "the registry they heartbeat to."),
+        ("blockserver", blockserver_main, "serve a span of a model's layers",
+         "Serve layers of MODEL over WebSocket sessions (START:END with --blocks, or chosen from the "
+         "swarm and moved when the swarm would be faster), and heartbeat to every --gateway."),
+        ("status", status, "print the swarm a gateway sees",
+         "Print the servers, spans, speed, free cache and per-layer coverage of the swarm behind a "
+         "gateway (its /v1/swarm)."),
+    ]
+    for name, module, help_text, description in roles:
+        role = sub.add_parser(name, help=help_text, description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(role)
+        role.set_defaults(run=module.run)
 
     verify = sub.add_parser(
         "verify-model", help="run MODEL split into spans against the whole model in transformers",
