@@ -14,11 +14,8 @@ import argparse
 import itertools
 import random
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shared.balancing import Placement, choose_span, should_move, swarm_throughput  # noqa: E402
+from shared.balancing import Placement, choose_span, should_move, swarm_throughput
 
 
 def optimum(servers: list[Placement], num_layers: int) -> float:

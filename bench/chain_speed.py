@@ -56,7 +56,7 @@ def chain_steps_per_s(model: str, servers: int, dtype: str, tokens: int, threads
     port = 18000 + servers
     log = tempfile.NamedTemporaryFile("w+", prefix="corolla-bench-", suffix=".log", delete=False)
     # output to a file, not a pipe: a pipe nobody reads would block the swarm's processes
-    process = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--model", model, "--servers", str(servers),
+    process = subprocess.Popen([sys.executable, "-m", "corolla", "up", "--model", model, "--servers", str(servers),
                                 "--port", str(port), "--dtype", dtype, "--num-threads", str(threads)],
                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:

@@ -16,18 +16,16 @@ import argparse
 import json
 import random
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shared.models.loader import load_config, num_layers  # noqa: E402
-from shared.models.resolve import resolve_model, served_name  # noqa: E402
-from shared.records import even_spans  # noqa: E402
-from tests.e2e.swarm import Swarm  # noqa: E402  (the same process harness as the e2e tests)
+from corolla.local import LocalSwarm as Swarm  # the harness of corolla up and the e2e tests
+from shared.models.loader import load_config, num_layers
+from shared.models.resolve import resolve_model, served_name
+from shared.records import even_spans
 
 
 class Chaos:
@@ -75,11 +73,11 @@ def run_mode(model: str, name: str, spans: list[str], replicas: int, failover: b
     if not failover:
         gateway_args.append("--no-failover")
     log_dir = Path(tempfile.mkdtemp(prefix="corolla-failover-"))
-    swarm = Swarm(model, [s for s in spans for _ in range(replicas)], log_dir, gateway_args=gateway_args,
-                  model_name=name, blockserver_args=["--dtype", "bfloat16"])
+    swarm = Swarm(model, log_dir, gateway_args=gateway_args, model_name=name,
+                  blockserver_args=["--dtype", "bfloat16", "--num-threads", "1"])
     results = {}
     try:
-        swarm.start(timeout_s=600)
+        swarm.start([s for s in spans for _ in range(replicas)], timeout_s=600)
         generate(swarm, 8, Chaos(swarm, spans, 0.0, random.Random(0)))  # warm-up
         for p in probabilities:
             chaos = Chaos(swarm, spans, p, random.Random(seed))

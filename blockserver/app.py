@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 
-from blockserver.service import VERSION, Blockserver
+from blockserver.service import Blockserver
 from blockserver.sessions import SessionHandler
 from blockserver.settings import BlockserverSettings
+from shared import corolla_version
+from shared.loops import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -23,20 +24,18 @@ def create_app(settings: BlockserverSettings, url: str) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        heartbeat = asyncio.create_task(service.heartbeat_loop())
-        tasks = [heartbeat]
+        tasks = TaskSet()
         try:
+            service.start_loops(tasks)  # heartbeats go out while loading, so `joining` stays fresh
             await service.start()
             if service.fixed_span is None:
-                tasks.append(asyncio.create_task(service.rebalance_loop()))
+                service.start_rebalancing(tasks)
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await tasks.stop()
             await service.close()
 
-    app = FastAPI(title="Corolla blockserver", version=VERSION, lifespan=lifespan)
+    app = FastAPI(title="Corolla blockserver", version=corolla_version(), lifespan=lifespan)
     app.state.service = service
 
     @app.websocket("/ws")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from shared.compute import ComputeThread
-from shared.errors import BadRequest, CacheFull
+from blockserver.budget import CacheBudget
+from shared.errors import BadRequest
 from shared.models.base import LoadedSpan
 from shared.models.cache import SpanCache
 
@@ -35,35 +36,38 @@ class Session:
 
 
 class Runtime:
-    def __init__(self, span: LoadedSpan, cache_tokens: int, compute: ComputeThread, prefill_chunk_tokens: int = 512):
-        self.span = span
+    def __init__(self, layers: LoadedSpan, cache_tokens: int, compute: ComputeThread, prefill_chunk_tokens: int = 512):
+        self.layers = layers  # the server's span of layers, loaded
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        self.cache_tokens = cache_tokens
-        self.cache_tokens_left = cache_tokens
-        self.sessions: dict[str, Session] = {}
+        self.budget = CacheBudget(cache_tokens)
+        self.sessions: dict[str, Session | None] = {}  # None: being opened
         self.sessions_opened = 0  # since start: shows where routing sent sessions
-        self._room = asyncio.Condition()
         self._compute = compute.run
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.budget.total
+
+    @property
+    def cache_tokens_left(self) -> int:
+        return self.budget.left
 
     async def open(self, session_id: str, batch_size: int, max_length: int, alloc_timeout_s: float,
                    start: int, end: int) -> Session:
         if session_id in self.sessions:
             raise BadRequest(f"session {session_id!r} is already open on this server")
+        self.sessions[session_id] = None  # claimed before the first await: a concurrent open of this id fails
         tokens = batch_size * max_length
-        if tokens > self.cache_tokens:
-            raise CacheFull(f"a session of {batch_size} x {max_length} tokens exceeds this server's whole "
-                            f"cache budget of {self.cache_tokens} tokens")
-        async with self._room:
-            try:
-                await asyncio.wait_for(self._room.wait_for(lambda: self.cache_tokens_left >= tokens), alloc_timeout_s)
-            except TimeoutError:
-                raise CacheFull(f"no room for {tokens} cache tokens within {alloc_timeout_s}s "
-                                f"({self.cache_tokens_left} of {self.cache_tokens} free)") from None
-            self.cache_tokens_left -= tokens
         try:
-            cache = await self._compute(self.span.new_cache, batch_size, max_length)
+            await self.budget.take(tokens, alloc_timeout_s)
         except BaseException:
-            await self._release(tokens)
+            del self.sessions[session_id]
+            raise
+        try:
+            cache = await self._compute(self.layers.new_cache, batch_size, max_length)
+        except BaseException:
+            del self.sessions[session_id]
+            self.budget.give(tokens)
             raise
         session = Session(session_id, batch_size, max_length, cache, start, end)
         self.sessions[session_id] = session
@@ -72,29 +76,28 @@ class Runtime:
 
     async def step(self, session: Session, position: int, hidden: torch.Tensor, mask: torch.Tensor | None,
                    hypo_ids: torch.Tensor | None) -> torch.Tensor:
-        return await self._compute(_run_step, self.span, session, position, hidden, mask, hypo_ids,
+        return await self._compute(_run_step, self.layers, session, position, hidden, mask, hypo_ids,
                                    self.prefill_chunk_tokens)
 
     async def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return await self._compute(self.span.forward, hidden, mask)
+        return await self._compute(self.layers.forward, hidden, mask)
 
     async def close(self, session_id: str) -> None:
-        session = self.sessions.pop(session_id, None)
+        """Forget the session and return its tokens at once (no await in between, so a cancelled
+        close still returns them), then free its memory on the compute thread."""
+        session = self.sessions.get(session_id)
         if session is None:
-            return
-        await self._compute(_drop, session)  # the cache is freed on the thread that made it
-        await self._release(session.tokens)
+            return  # unknown, or still being opened (its open cleans up)
+        del self.sessions[session_id]
+        self.budget.give(session.tokens)
+        await asyncio.shield(self._compute(_drop, session))  # the cache is freed on the thread that made it
 
-    async def _release(self, tokens: int) -> None:
-        async with self._room:
-            self.cache_tokens_left += tokens
-            self._room.notify_all()
+    def open_sessions(self) -> list[Session]:
+        return [s for s in self.sessions.values() if s is not None]
 
     async def shutdown(self) -> None:
-        for session_id in list(self.sessions):
-            await self.close(session_id)
-
-
+        for session in self.open_sessions():
+            await self.close(session.session_id)
 
 
 def _run_step(span: LoadedSpan, session: Session, position: int, hidden, mask, hypo_ids, chunk: int):
@@ -111,4 +114,4 @@ def _run_step(span: LoadedSpan, session: Session, position: int, hidden, mask, h
 
 
 def _drop(session: Session) -> None:
-    session.cache = None
+    session.cache.free()

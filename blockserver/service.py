@@ -14,22 +14,32 @@ from pathlib import Path
 
 import httpx
 import psutil
+from pydantic import ValidationError
 
 from blockserver.runtime import Runtime
 from blockserver.settings import BlockserverSettings
 from blockserver.throughput import Throughput, measure
+from shared import corolla_version
 from shared.balancing import Placement, choose_span, placements, should_move
 from shared.compute import ComputeThread
-from shared.models.base import build_skeleton, resolve_dtype
-from shared.models.loader import family_for, load_config, load_span, num_layers
+from shared.dtypes import resolve_dtype
+from shared.loops import TaskSet, every
+from shared.models.loader import ModelFacts, layer_bytes, load_facts, load_span
 from shared.models.resolve import DEFAULT_CACHE_DIR, resolve_model, served_name
-from shared.protocol import DTYPE_NAMES
-from shared.records import ServerInfo, ServerState, Span
+from shared.records import HEARTBEAT_PATH, SECRET_HEADER, SERVERS_PATH, ServerInfo, ServerState, Span
+from shared.rtt import RoundTrips
 
 log = logging.getLogger(__name__)
-VERSION = "0.1.0"
-SECRET_HEADER = "X-Corolla-Swarm-Secret"
-PING_EMA = 0.2  # weight of a new RTT sample
+QUIET_START_S = 60.0  # a gateway that does not answer yet is still starting, not news
+
+
+class GatewayLink:
+    """What this server knows of one gateway it heartbeats to, so that each change is logged once."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.accepted = False  # has taken a heartbeat at least once
+        self.trouble: str | None = None  # the last problem logged
 
 
 class Blockserver:
@@ -37,33 +47,41 @@ class Blockserver:
         self.settings, self.url = settings, url
         self.server_id = settings.server_id or f"bs-{uuid.uuid4().hex[:10]}"
         self.compute = ComputeThread("compute", settings.num_threads)
-        self.fixed_span = Span.parse(settings.blocks) if settings.blocks else None
+        self.fixed_span = settings.blocks
         self.span: Span | None = None
         self.state = ServerState.joining
         self.runtime: Runtime | None = None
         self.throughput: Throughput | None = None
         self.model_name = ""
-        self.model_dir: Path | None = None
-        self.num_layers = 0
-        self.next_pings: dict[str, float] = {}
-        self.swarm: list[ServerInfo] = []  # the registry's view, refreshed with each heartbeat
+        self.facts: ModelFacts | None = None
+        self.next_pings = RoundTrips()
+        self.swarm: list[ServerInfo] = []  # the registry's view, refreshed in the background
+        self.links = {g: GatewayLink(g) for g in settings.gateways}
+        self.started_at = time.monotonic()
+        # The swarm secret goes to gateways only; peers are pinged with a client that does not carry it.
         self.http = httpx.AsyncClient(timeout=max(2.0, settings.heartbeat_interval_s),
                                       headers={SECRET_HEADER: settings.swarm_secret} if settings.swarm_secret else {})
+        self.peers = httpx.AsyncClient(timeout=2.0)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.facts.fingerprint if self.facts else ""
 
     # ---- what we announce
     def info(self) -> ServerInfo | None:
-        if self.span is None:
+        if self.span is None or self.facts is None:
             return None  # nothing to announce before a span is chosen
         runtime, tp = self.runtime, self.throughput
         return ServerInfo(
-            server_id=self.server_id, url=self.url, model=self.model_name, start=self.span.start, end=self.span.end,
-            state=self.state, throughput=self.announced_throughput(),
-            inference_rps=tp.inference_rps if tp else 0.0, forward_rps=tp.forward_rps if tp else 0.0,
-            network_rps=tp.network_rps if tp else 0.0,
+            server_id=self.server_id, url=self.url, model=self.fingerprint, model_name=self.model_name,
+            start=self.span.start, end=self.span.end, state=self.state, throughput=self.announced_throughput(),
+            decode_tokens_per_s=tp.decode_tokens_per_s if tp else 0.0,
+            prefill_tokens_per_s=tp.prefill_tokens_per_s if tp else 0.0,
+            network_tokens_per_s=tp.network_tokens_per_s if tp else 0.0,
             cache_tokens_left=runtime.cache_tokens_left if runtime else self.settings.cache_tokens,
-            sessions=len(runtime.sessions) if runtime else 0,
-            dtype=DTYPE_NAMES[runtime.span.dtype] if runtime else self.settings.dtype, version=VERSION,
-            next_pings=dict(self.next_pings), ttl_s=3 * self.settings.heartbeat_interval_s)
+            cache_tokens=self.settings.cache_tokens, sessions=len(runtime.open_sessions()) if runtime else 0,
+            dtype=runtime.layers.dtype_name if runtime else self.settings.dtype, version=corolla_version(),
+            next_pings=dict(self.next_pings.seconds), ttl_s=3 * self.settings.heartbeat_interval_s)
 
     def announced_throughput(self) -> float:
         if self.settings.throughput is not None:
@@ -75,35 +93,58 @@ class Blockserver:
     # ---- start-up
     async def start(self) -> None:
         s = self.settings
-        self.model_dir = await self.compute.run(resolve_model, s.model, s.cache_dir)  # may convert: torch work
-        self.model_name = s.model_name or served_name(s.model, self.model_dir)
-        config = load_config(self.model_dir)
-        self.num_layers = num_layers(config)
+        directory = await self.compute.run(resolve_model, s.model, s.cache_dir)  # may convert: torch work
+        self.facts = await self.compute.run(load_facts, directory)
+        self.model_name = s.model_name or served_name(s.model, directory)
+        log.info("blockserver %s: model %s, fingerprint %s", self.server_id, self.model_name, self.fingerprint)
         if s.throughput is None:
             cache = Path(s.cache_dir or DEFAULT_CACHE_DIR) / "throughput.json"
-            self.throughput = await self.compute.run(measure, self.model_dir, s.device, s.dtype, cache)
+            self.throughput = await self.compute.run(measure, directory, s.device, s.dtype, cache)
         if self.fixed_span is not None:
             span = self.fixed_span
         else:
             await asyncio.sleep(random.uniform(0, s.join_delay_s))  # simultaneous joiners see each other
-            span = await self.choose(config)
+            span = await self.choose()
         await self.load(span)
 
-    async def choose(self, config) -> Span:
-        blocks = self.settings.num_blocks or await self.compute.run(blocks_for_memory, config, self.settings)
+    def start_loops(self, tasks: TaskSet) -> None:
+        """Heartbeats (one timer per gateway, so a silent gateway delays no other), registry reads,
+        peer pings and rebalancing: each supervised and on its own schedule."""
+        interval = self.settings.heartbeat_interval_s
+        for link in self.links.values():
+            tasks.start(every(f"heartbeat to {link.url}", interval, lambda link=link: self.send_heartbeat(link)),
+                        f"heartbeat {link.url}")
+        tasks.start(every("registry read", interval, self.fetch_swarm, first_delay_s=interval), "registry")
+        tasks.start(every("next pings", interval, self.ping_next, first_delay_s=interval), "pings")
+
+    def start_rebalancing(self, tasks: TaskSet) -> None:
+        period = self.settings.balance_period_s
+        tasks.start(every("rebalance", lambda: random.uniform(0, 2 * period), self.rebalance_once,
+                          first_delay_s=random.uniform(0, 2 * period)), "rebalance")
+
+    async def choose(self) -> Span:
+        layers = self.settings.num_blocks or await self.compute.run(layers_for_memory, self.facts, self.settings)
         swarm = [p for p in placements(await self.fetch_swarm()) if p.server_id != self.server_id]
-        span = choose_span(swarm, self.num_layers, blocks)
-        log.info("blockserver %s chose layers %s (%d blocks) from %d servers", self.server_id, span, blocks, len(swarm))
+        span = choose_span(swarm, self.facts.num_layers, layers)
+        log.info("blockserver %s chose layers %s (%d layers) from %d servers", self.server_id, span, layers,
+                 len(swarm))
         return span
 
     async def load(self, span: Span) -> None:
         self.span, self.state = span, ServerState.joining
         await self.heartbeat_now()  # joining: others plan around us while we load
 
-        def progress(done: int, total: int) -> None:
-            print(f"blockserver {self.server_id}: loading layers {span}: {done}/{total}", file=sys.stderr, flush=True)
+        started = last = time.monotonic()
 
-        loaded = await self.compute.run(load_span, self.model_dir, span.start, span.end, self.settings.device,
+        def progress(done: int, total: int) -> None:  # about once a second, and when done
+            nonlocal last
+            now = time.monotonic()
+            if done == total or now - last >= 1.0:
+                last = now
+                print(f"blockserver {self.server_id}: loading layers {span}: {done}/{total} "
+                      f"({now - started:.1f}s)", file=sys.stderr, flush=True)
+
+        loaded = await self.compute.run(load_span, self.facts.directory, span.start, span.end, self.settings.device,
                                         self.settings.dtype, progress)
         self.runtime = Runtime(loaded, self.settings.cache_tokens, self.compute, self.settings.prefill_chunk_tokens)
         self.state = ServerState.online
@@ -112,75 +153,87 @@ class Blockserver:
 
     # ---- the registry
     async def fetch_swarm(self) -> list[ServerInfo]:
-        """Live records of our model from the first gateway that answers."""
+        """Live records of our model from the first gateway that answers with a valid list. A bad
+        answer (HTML from a proxy, a record that fails validation) is logged and skipped."""
         for gateway in self.settings.gateways:
             try:
-                response = await self.http.get(f"{gateway}/registry/servers")
-                if response.status_code == 200:
-                    self.swarm = [ServerInfo(**r) for r in response.json() if r.get("model") == self.model_name]
-                    return self.swarm
-                log.warning("gateway %s refused the registry read: %s", gateway, response.status_code)
-            except httpx.HTTPError as exc:
-                log.warning("gateway %s unreachable: %s", gateway, type(exc).__name__)
+                response = await self.http.get(f"{gateway}{SERVERS_PATH}")
+                if response.status_code != 200:
+                    continue
+                body = response.json()
+                if not isinstance(body, list):
+                    raise ValueError("not a list of records")
+            except httpx.HTTPError:
+                continue
+            except ValueError as exc:
+                log.warning("gateway %s sent an unreadable registry (%s); asking another", gateway, exc)
+                continue
+            records = []
+            for raw in body:
+                try:
+                    record = ServerInfo.model_validate(raw)
+                except ValidationError:
+                    continue  # one bad record must not hide the others
+                if record.model == self.fingerprint:
+                    records.append(record)
+            self.swarm = records
+            return records
         return self.swarm
 
-    async def heartbeat_now(self) -> None:
+    async def heartbeat_now(self, quiet: bool = False) -> None:
+        await asyncio.gather(*(self.send_heartbeat(link, quiet) for link in self.links.values()))
+
+    async def send_heartbeat(self, link: GatewayLink, quiet: bool = False) -> None:
+        """One heartbeat to one gateway. `quiet`: the last one, at shutdown; a gateway that stopped
+        with us is not news."""
         info = self.info()
         if info is None:
             return
-        payload = info.model_dump(mode="json")
+        try:
+            response = await self.http.post(f"{link.url}{HEARTBEAT_PATH}", json=info.model_dump(mode="json"))
+        except httpx.HTTPError as exc:
+            if not quiet:
+                self._trouble(link, f"unreachable ({type(exc).__name__})")
+            return
+        if response.status_code == 200:
+            if link.trouble or not link.accepted:
+                log.info("blockserver %s registered with gateway %s", self.server_id, link.url)
+            link.accepted, link.trouble = True, None
+        elif response.status_code == 409:
+            self._trouble(link, _detail(response), always=True)
+        elif response.status_code == 503:
+            self._trouble(link, "still loading its model")
+        else:
+            self._trouble(link, f"refused the heartbeat: {response.status_code} {_detail(response)}", always=True)
 
-        async def send(gateway: str) -> None:
-            try:
-                response = await self.http.post(f"{gateway}/registry/heartbeat", json=payload)
-                if response.status_code != 200:
-                    log.warning("gateway %s refused the heartbeat: %s %s", gateway, response.status_code,
-                                response.text[:200])
-            except httpx.HTTPError as exc:
-                log.warning("gateway %s unreachable: %s", gateway, type(exc).__name__)
-
-        await asyncio.gather(*(send(g) for g in self.settings.gateways))
-
-    async def heartbeat_loop(self) -> None:
-        while True:
-            await self.heartbeat_now()
-            await self.fetch_swarm()
-            await self.ping_next()
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+    def _trouble(self, link: GatewayLink, problem: str, always: bool = False) -> None:
+        """Log a gateway's problem once (not every heartbeat). While the gateway was never reached
+        and the server is young, it is probably still starting: stay quiet."""
+        if problem == link.trouble:
+            return
+        starting = not link.accepted and time.monotonic() - self.started_at < QUIET_START_S
+        if always or not starting:
+            link.trouble = problem
+            log.warning("gateway %s: %s", link.url, problem)
 
     async def ping_next(self) -> None:
         """RTTs to the servers a chain may go to after us (those covering our span's end)."""
         if self.span is None:
             return
         candidates = [s for s in self.swarm if s.server_id != self.server_id and s.start <= self.span.end < s.end]
-
-        async def ping(s: ServerInfo) -> None:
-            started = time.perf_counter()
-            try:
-                await self.http.get(f"{s.url}/health", timeout=2.0)
-            except httpx.HTTPError:
-                return
-            rtt = time.perf_counter() - started
-            old = self.next_pings.get(s.server_id)
-            self.next_pings[s.server_id] = rtt if old is None else PING_EMA * rtt + (1 - PING_EMA) * old
-
-        await asyncio.gather(*(ping(s) for s in candidates[:5]))
-        live = {s.server_id for s in self.swarm}
-        self.next_pings = {k: v for k, v in self.next_pings.items() if k in live}
+        await self.next_pings.measure(self.peers, {s.server_id: s.url for s in candidates[:5]})
+        self.next_pings.keep_only({s.server_id for s in self.swarm})
 
     # ---- rebalancing
-    async def rebalance_loop(self) -> None:
-        period = self.settings.balance_period_s
-        while True:
-            await asyncio.sleep(random.uniform(0, 2 * period))
-            if self.state != ServerState.online or self.span is None:
-                continue
-            swarm = placements(await self.fetch_swarm())
-            me = Placement(self.server_id, self.span.start, len(self.span), self.announced_throughput())
-            target = should_move(me, [p for p in swarm if p.server_id != self.server_id] + [me], self.num_layers,
-                                 self.settings.balance_quality)
-            if target is not None:
-                await self.move(target)
+    async def rebalance_once(self) -> None:
+        if self.state != ServerState.online or self.span is None:
+            return
+        swarm = placements(await self.fetch_swarm())
+        me = Placement(self.server_id, self.span.start, len(self.span), self.announced_throughput())
+        target = should_move(me, [p for p in swarm if p.server_id != self.server_id] + [me], self.facts.num_layers,
+                             self.settings.balance_quality)
+        if target is not None:
+            await self.move(target)
 
     async def move(self, span: Span) -> None:
         log.warning("blockserver %s moves from layers %s to %s (the swarm's weakest layer gains)",
@@ -194,22 +247,26 @@ class Blockserver:
 
     async def close(self) -> None:
         self.state = ServerState.offline
-        await asyncio.shield(self.heartbeat_now())
+        await asyncio.shield(self.heartbeat_now(quiet=True))
         if self.runtime is not None:
             await self.runtime.shutdown()
         self.compute.shutdown()
         await self.http.aclose()
+        await self.peers.aclose()
 
 
-def blocks_for_memory(config, settings: BlockserverSettings) -> int:
-    """How many layers fit in --max-memory (default: half the machine's available memory), with
-    their share of the KV-cache budget."""
-    dtype = resolve_dtype(settings.dtype, config)
-    layer = build_skeleton(config).get_submodule(family_for(config).layers_path)[0]
-    layer_bytes = sum(p.numel() for p in layer.parameters()) * dtype.itemsize
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    cache_bytes = 2 * heads * head_dim * dtype.itemsize * settings.cache_tokens
+def _detail(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
+
+
+def layers_for_memory(facts: ModelFacts, settings: BlockserverSettings) -> int:
+    """How many layers fit in --max-memory (default: half the machine's available memory), each with
+    its share of the KV-cache budget (the family's real KV bytes per token)."""
+    dtype = resolve_dtype(settings.dtype, facts.config)
+    per_layer = layer_bytes(facts.config, dtype) + facts.kv_bytes_per_token(dtype) * settings.cache_tokens
     budget = (settings.max_memory_gib * 2**30 if settings.max_memory_gib
               else psutil.virtual_memory().available / 2)
-    return max(1, min(num_layers(config), math.floor(budget / (layer_bytes + cache_bytes))))
+    return max(1, min(facts.num_layers, math.floor(budget / per_layer)))

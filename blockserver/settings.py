@@ -1,37 +1,63 @@
-"""Settings of a blockserver, built once in __main__ (env prefix COROLLA_BLOCKSERVER_)."""
+"""Settings of a blockserver, built once in __main__ (env prefix COROLLA_BLOCKSERVER_). Each
+field's description is its `--help` text (shared/flags.py)."""
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.dtypes import DtypeChoice
+from shared.records import Span
 
 
 class BlockserverSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COROLLA_BLOCKSERVER_")
 
-    model: str | None = None  # reference: directory, hub id, or None/'smollm2'
-    model_name: str | None = None  # name announced to gateways (defaults to the model's served name)
-    blocks: str | None = None  # START:END; None: choose a span from the swarm (and rebalance)
-    num_blocks: int | None = Field(default=None, ge=1)  # with no --blocks; None: as many as fit in memory
-    max_memory_gib: float | None = Field(default=None, gt=0)  # for weights + cache; None: half the free memory
-    throughput: float | None = Field(default=None, ge=0)  # announced tokens/s; None: measured (cached)
-    balance_period_s: float = Field(default=60.0, gt=0)  # rebalancing checks every U(0, 2 x period)
-    balance_quality: float = Field(default=0.75, gt=0)  # move when current/new weakest layer < this
-    join_delay_s: float = Field(default=2.0, ge=0)  # random wait before choosing a span
-    swarm_secret: str | None = None  # sent with every registry request
-    gateways: list[str] = Field(default_factory=list)
-    host: str = "127.0.0.1"
-    port: int = Field(default=0, ge=0, le=65535)
-    public_url: str | None = None
-    dtype: str = "auto"
-    device: str = "cpu"
-    cache_tokens: int = Field(default=16384, ge=1)  # KV-cache budget: batch x tokens held at once
-    heartbeat_interval_s: float = Field(default=2.0, gt=0)
-    idle_timeout_s: float = Field(default=300.0, gt=0)  # a session with no message for this long is freed
-    alloc_timeout_s: float = Field(default=5.0, ge=0)  # how long `open` waits for cache room
-    prefill_chunk_tokens: int = Field(default=512, ge=1)  # long steps run in chunks of this many tokens
-    max_frame_bytes: int = Field(default=64 * 2**20, ge=1024)
-    num_threads: int | None = None  # torch threads of the compute thread (default: torch's choice)
-    cache_dir: str | None = None
-    server_id: str | None = None
+    model: str | None = Field(None, description="model directory, hub id, or 'smollm2' (default: "
+                                                "SmolLM2-135M-Instruct)")
+    model_name: str | None = Field(None, description="a readable name shown in the swarm's views (default: derived "
+                                                     "from --model); gateways match the model by its fingerprint")
+    blocks: Span | None = Field(None, json_schema_extra={"metavar": "START:END"},
+                                description="layers to serve, half-open, e.g. 0:10 (default: choose them from the "
+                                            "swarm, and move when the swarm would be faster)")
+    num_blocks: int | None = Field(None, ge=1, description="without --blocks: how many layers to serve (default: as "
+                                                           "many as fit in --max-memory)")
+    max_memory_gib: float | None = Field(None, gt=0, json_schema_extra={"flag": "max-memory", "metavar": "GIB"},
+                                         description="memory for weights and KV cache, to size --num-blocks "
+                                                     "(default: half the available memory)")
+    throughput: float | None = Field(None, ge=0, description="tokens/s to announce (default: measured once per "
+                                                             "model, device and dtype, then cached)")
+    balance_period_s: float = Field(60.0, gt=0, description="mean seconds between rebalancing checks")
+    balance_quality: float = Field(0.75, gt=0, description="move when the swarm's weakest layer would grow by "
+                                                           "more than 1/this")
+    join_delay_s: float = Field(2.0, ge=0, description="wait up to this long (at random) before choosing a span")
+    swarm_secret: str | None = Field(None, description="the swarm's join secret, required by gateways started "
+                                                       "with one")
+    gateways: list[str] = Field(default_factory=list, json_schema_extra={"flag": "gateway", "metavar": "URL"},
+                                description="a gateway to heartbeat to, e.g. http://10.0.0.2:8000")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all)")
+    port: int = Field(0, ge=0, le=65535, description="port to listen on (0: a free port)")
+    public_url: str | None = Field(None, description="address gateways should connect to, when it differs from "
+                                                     "where this server listens (NAT, containers), e.g. "
+                                                     "http://myhost:31330")
+    dtype: DtypeChoice = Field("auto", description="compute dtype ('auto': the checkpoint's)")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 …")
+    cache_tokens: int = Field(16384, ge=1, description="KV-cache budget in tokens (batch x length summed over "
+                                                       "open sessions)")
+    heartbeat_interval_s: float = Field(2.0, gt=0, le=60, description="seconds between heartbeats; a record expires "
+                                                               "after 3")
+    idle_timeout_s: float = Field(300.0, gt=0, description="free a session after this long without a message")
+    alloc_timeout_s: float = Field(5.0, ge=0, description="how long `open` waits for cache room")
+    prefill_chunk_tokens: int = Field(512, ge=1, json_schema_extra={"flag": "prefill-chunk", "metavar": "TOKENS"},
+                                      description="run longer steps (prompts, failover replays) in chunks of this "
+                                                  "many tokens")
+    max_frame_bytes: int = Field(64 * 2**20, ge=1024, description="largest WebSocket frame to accept")
+    num_threads: int | None = Field(None, ge=1, description="torch threads for compute (default: all cores)")
+    cache_dir: str | None = Field(None, description="where converted models are kept (default ~/.cache/corolla)")
+    server_id: str | None = Field(None, description="this server's id in the registry (default: random)")
+
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _parse_blocks(cls, value):
+        return Span.parse(value) if isinstance(value, str) else value
 
     @field_validator("gateways")
     @classmethod

@@ -3,41 +3,23 @@ sample, stream. One async generator serves streaming and non-streaming requests 
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-from gateway.bans import Bans
-from gateway.chain import ChainSession, FailoverStats
+from gateway.chain import ChainConfig, ChainSession
+from gateway.channel import Connect
 from gateway.model import GatewayModel
-from gateway.registry import Registry
-from gateway.routing import Costs, route_chain
-from gateway.sampling import SamplingParams
+from gateway.requests import GenerationRequest
 from gateway.stops import releasable
+from gateway.swarm import Swarm
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class SwarmView:
-    """What generations share about the swarm: live records, banned servers, failover counts."""
-
-    registry: Registry
-    bans: Bans
-    failovers: FailoverStats
-    costs: Costs  # measured RTTs and this gateway's sessions per server
-
-
-@dataclass
-class GenerationRequest:
-    prompts: list[list[int]]  # token ids of each prompt
-    n: int
-    max_tokens: int
-    stops: list[str]
-    params: SamplingParams
+FinishReason = Literal["stop", "length"]
 
 
 @dataclass
@@ -49,7 +31,7 @@ class TextDelta:
 @dataclass
 class Finished:
     index: int
-    reason: str  # "stop" | "length"
+    reason: FinishReason
 
 
 @dataclass
@@ -62,16 +44,19 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+Event = TextDelta | Finished | Usage
+
+
 @dataclass
 class _Choice:
     index: int
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already sent
-    reason: str | None = None
+    reason: FinishReason | None = None
 
 
-async def generate(request: GenerationRequest, model: GatewayModel, swarm: SwarmView,
-                   settings) -> AsyncIterator[TextDelta | Finished | Usage]:
+async def generate(request: GenerationRequest, model: GatewayModel, swarm: Swarm, config: ChainConfig,
+                   connect: Connect) -> AsyncIterator[Event]:
     rows = [prompt for prompt in request.prompts for _ in range(request.n)]
     choices = [_Choice(i) for i in range(len(rows))]
     usage = Usage(sum(len(p) for p in request.prompts), 0)
@@ -83,14 +68,10 @@ async def generate(request: GenerationRequest, model: GatewayModel, swarm: Swarm
     ids, mask = _left_pad(rows, model.pad_id)
     generator = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
     counts = torch.zeros(len(rows), model.vocab_size)
-    servers = functools.partial(swarm.registry.online, model.name)
     max_length = ids.shape[1] + request.max_tokens
-    hops = route_chain(servers(), model.num_layers, swarm.bans.active(), costs=swarm.costs,
-                       cache_tokens=len(rows) * max_length)
-    async with ChainSession(hops, model.name, model.num_layers, len(rows), max_length, settings, servers,
-                            swarm.bans, swarm.failovers, swarm.costs) as session:
-        log.info("session %s: %d rows, chain %s", session.session_id, len(rows),
-                 " -> ".join(f"{h.server.server_id}[{h.span}]" for h in hops))
+    hops = swarm.route(cache_tokens=len(rows) * max_length)
+    async with ChainSession(hops, swarm, config, len(rows), max_length, connect) as session:
+        log.info("session %s: %d rows, chain %s", session.session_id, len(rows), session.describe())
         hidden = await session.step(await model.embed(ids), mask if bool((mask == 0).any()) else None)
         while True:
             tokens = (await model.next_tokens(hidden[:, -1:], counts, request.params, generator)).tolist()

@@ -4,41 +4,60 @@ compute thread that runs them (the event loop only does I/O)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from gateway.sampling import SamplingParams, choose_tokens
 from shared.compute import ComputeThread
 from shared.models.base import ModelEnds
-from shared.models.loader import load_config, load_ends, load_tokenizer, num_layers
+from shared.models.loader import ModelFacts, eos_ids, load_ends, load_facts, load_tokenizer
 
 
 @dataclass
 class GatewayModel:
-    name: str
-    directory: Path
+    name: str  # the API's model id
+    facts: ModelFacts
     ends: ModelEnds
-    tokenizer: object | None
-    num_layers: int
-    context_length: int
-    vocab_size: int
+    tokenizer: object | None  # a transformers tokenizer, or None (prompts must then be token ids)
     eos_ids: frozenset[int]
     pad_id: int
     compute: ComputeThread
 
     @classmethod
-    def load(cls, name: str, directory: Path, dtype: str, compute: ComputeThread) -> GatewayModel:
+    def load(cls, name: str, directory, dtype: str, compute: ComputeThread) -> GatewayModel:
         """Runs on `compute`, the thread that will run the model."""
-        config = load_config(directory)
-        tokenizer = _tokenizer(directory)
-        eos = _eos_ids(directory, config, tokenizer)
-        pad = getattr(config, "pad_token_id", None)
+        facts = load_facts(directory)
+        tokenizer = load_tokenizer(directory)
+        eos = eos_ids(directory, facts.config, tokenizer)
+        pad = getattr(facts.config, "pad_token_id", None)
         if pad is None:
-            pad = next(iter(sorted(eos)), 0)
-        return cls(name=name, directory=directory, ends=load_ends(directory, "cpu", dtype), tokenizer=tokenizer,
-                   num_layers=num_layers(config), context_length=config.max_position_embeddings,
-                   vocab_size=config.vocab_size, eos_ids=frozenset(eos), pad_id=int(pad), compute=compute)
+            pad = min(eos, default=0)
+        return cls(name=name, facts=facts, ends=load_ends(directory, "cpu", dtype), tokenizer=tokenizer,
+                   eos_ids=eos, pad_id=int(pad), compute=compute)
+
+    @property
+    def num_layers(self) -> int:
+        return self.facts.num_layers
+
+    @property
+    def context_length(self) -> int:
+        return self.facts.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.facts.vocab_size
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt string (special tokens added as the model's tokenizer does)."""
+        return self.tokenizer(text, add_special_tokens=True).input_ids
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"]
 
     async def run(self, fn, *args):
         return await self.compute.run(fn, *args)
@@ -63,24 +82,3 @@ class GatewayModel:
 def _next_tokens(ends: ModelEnds, hidden, counts, params, generator):
     logits = ends.logits(hidden)[:, -1]
     return choose_tokens(logits, counts, params, generator)
-
-
-def _tokenizer(directory: Path):
-    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    return load_tokenizer(directory)
-
-
-def _eos_ids(directory: Path, config, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    try:
-        from transformers import GenerationConfig
-
-        value = GenerationConfig.from_pretrained(directory).eos_token_id
-    except OSError:
-        value = getattr(config, "eos_token_id", None)
-    if value is not None:
-        ids.update(value if isinstance(value, list) else [value])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids

@@ -27,15 +27,16 @@ class Registry:
             return
         self._entries[info.server_id] = Entry(info, self._clock() + info.ttl_s)
 
+    def __contains__(self, server_id: str) -> bool:
+        entry = self._entries.get(server_id)
+        return entry is not None and entry.expires_at > self._clock()
+
     def servers(self, model: str | None = None) -> list[ServerInfo]:
-        """Every live record (any state), by server_id."""
+        """Every live record (any state) of `model` (a fingerprint; None: all), by server_id."""
         now = self._clock()
         for server_id in [s for s, e in self._entries.items() if e.expires_at <= now]:
             del self._entries[server_id]
         return [e.info for _, e in sorted(self._entries.items()) if model is None or e.info.model == model]
-
-    def online(self, model: str) -> list[ServerInfo]:
-        return [s for s in self.servers(model) if s.state == ServerState.online]
 
 
 def coverage(servers: list[ServerInfo], num_layers: int) -> list[int]:

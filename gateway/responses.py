@@ -11,7 +11,7 @@ from gateway.generation import Finished, TextDelta, Usage
 from gateway.schemas import SamplingFields
 
 
-class Stream:
+class OpenAIShaper:
     """Shapes generation events into OpenAI's objects, streamed (chunks) or whole."""
 
     def __init__(self, id_prefix: str, model: str, rows: int, body: SamplingFields):

@@ -1,16 +1,18 @@
 """Choosing the fastest chain of servers over a range of a model's layers (PETALS' min-latency
-routing, plus the current load of each server).
+routing, plus the current load of each server). Pure: records, RTTs and loads in, hops out.
 
 A chain is a shortest path over states (layer boundary, previous server): entering server s at
 layer p and leaving at q costs the network delay from the previous server (or the gateway) to s,
 a per-hop overhead plus (q - p) layers of compute at s's decode speed, that work again for each
-session already open on s (they share it), and a large penalty when s lacks the KV-cache room the session needs. Since layer indices
-only grow, the search is a dynamic programme over boundaries in increasing order."""
+session already open on s (they share it), and a large penalty when s lacks the KV-cache room the
+session needs. Since layer indices only grow, the search is a dynamic programme over boundaries
+in increasing order."""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from shared.errors import Unavailable
 from shared.records import ServerInfo, Span
@@ -24,40 +26,44 @@ class Hop:
     span: Span
 
 
-@dataclass
-class Costs:
-    """What routing knows beyond the records: measured RTTs and this gateway's own sessions."""
+@dataclass(frozen=True)
+class RoutingCosts:
+    """Tunables of the route cost, in seconds."""
 
-    rtts: dict[str, float] = field(default_factory=dict)  # gateway -> server round trip, seconds
-    load: dict[str, int] = field(default_factory=dict)  # sessions this gateway has open on each server
     hop_overhead_s: float = 0.005  # serialization and scheduling per hop
     unknown_rtt_s: float = 0.3  # when nothing is measured yet (PETALS: 0.15 s one-way)
-    unknown_rps: float = 300.0  # a server that announced no decode speed
+    unknown_tokens_per_s: float = 300.0  # a server that announced no decode speed
     cache_penalty_s: float = 10.0  # a server without room for the session's cache
+    max_delay_s: float = 5.0  # one link never counts for more (a bad measurement must not dominate)
 
-    def delay(self, rtt: float | None) -> float:
-        if rtt is None:  # not measured yet: assume it is like the others
-            known = sorted(self.rtts.values())
-            rtt = known[len(known) // 2] if known else self.unknown_rtt_s
-        return min(rtt / 2, 5.0)
 
-    def sessions(self, server: ServerInfo) -> int:
-        # the heartbeat counts every gateway's sessions but is seconds old; ours are exact
-        return max(server.sessions, self.load.get(server.server_id, 0))
+def link_delay(rtt_s: float | None, rtts: Mapping[str, float], costs: RoutingCosts) -> float:
+    """One-way delay of a link: half its RTT; unmeasured links are assumed typical of the others."""
+    if rtt_s is None:
+        known = sorted(rtts.values())
+        rtt_s = known[len(known) // 2] if known else costs.unknown_rtt_s
+    return min(rtt_s / 2, costs.max_delay_s)
 
 
 def route_chain(servers: list[ServerInfo], num_layers: int, banned: frozenset[str] | set[str] = frozenset(),
-                rng: random.Random | None = None, start: int = 0, end: int | None = None,
-                costs: Costs | None = None, cache_tokens: int = 0) -> list[Hop]:
+                rtts: Mapping[str, float] | None = None, load: Mapping[str, int] | None = None,
+                costs: RoutingCosts = RoutingCosts(), rng: random.Random | None = None, start: int = 0,
+                end: int | None = None, cache_tokens: int = 0) -> list[Hop]:
     """The cheapest chain of hops tiling layers [start, end) (default: the whole model).
 
+    `rtts`: gateway -> server round trips (s); `load`: sessions this gateway has open per server.
     A hop may enter a server's span in the middle and leave it at `end`. `cache_tokens` is the
-    room the session needs on each server (batch x max_length). Ties are broken at random, so
-    that equal replicas share the load."""
+    room the session needs on each server. Ties are broken at random, so that equal replicas
+    share the load."""
     end = num_layers if end is None else end
     rng = rng or random.Random()
-    costs = costs or Costs()
+    rtts, load = rtts or {}, load or {}
     usable = [s for s in servers if s.server_id not in banned and s.end <= num_layers]
+
+    def sessions(s: ServerInfo) -> int:
+        # the heartbeat counts every gateway's sessions but is seconds old; ours are exact
+        return max(s.sessions, load.get(s.server_id, 0))
+
     # best[(p, previous server id)] = (cost, tiebreak, hops so far)
     best: dict[tuple[int, str | None], tuple[float, float, list[Hop]]] = {(start, None): (0.0, 0.0, [])}
     for position in range(start, end):
@@ -67,21 +73,27 @@ def route_chain(servers: list[ServerInfo], num_layers: int, banned: frozenset[st
                 if not s.start <= position < s.end:
                     continue
                 leave = min(s.end, end)
-                link = costs.delay(costs.rtts.get(s.server_id) if previous is None
-                                   else previous.next_pings.get(s.server_id, costs.rtts.get(s.server_id)))
-                work = costs.hop_overhead_s + (leave - position) / (s.inference_rps or costs.unknown_rps)
-                queue = costs.sessions(s) * work  # each open session's step runs before ours, roughly
+                rtt = rtts.get(s.server_id) if previous is None else previous.next_pings.get(
+                    s.server_id, rtts.get(s.server_id))
+                work = costs.hop_overhead_s + (leave - position) / (s.decode_tokens_per_s or costs.unknown_tokens_per_s)
+                queue = sessions(s) * work  # each open session's step runs before ours, roughly
                 penalty = costs.cache_penalty_s if s.cache_tokens_left < cache_tokens else 0.0
-                total = cost + link + work + queue + penalty
+                total = cost + link_delay(rtt, rtts, costs) + work + queue + penalty
                 key = (leave, s.server_id)
                 candidate = (total, rng.random(), hops + [Hop(s, Span(position, leave))])
                 if key not in best or candidate[:2] < best[key][:2]:
                     best[key] = candidate
-    finals = [(cost + (costs.delay(costs.rtts.get(hops[-1].server.server_id)) if start == 0 and end == num_layers
-                       else 0.0), tie, hops)
-              for (p, _), (cost, tie, hops) in best.items() if p == end and hops]
+    whole_model = start == 0 and end == num_layers
+
+    def back_to_gateway(hops: list[Hop]) -> float:
+        # only a chain over the whole model returns its output to the gateway from its last hop; a
+        # replacement for a middle range hands it to the next hop, whose link is already known
+        return link_delay(rtts.get(hops[-1].server.server_id), rtts, costs) if whole_model else 0.0
+
+    finals = [(cost + back_to_gateway(hops), tie, hops) for (p, _), (cost, tie, hops) in best.items()
+              if p == end and hops]
     if not finals:
         uncovered = [p for p in range(start, end) if not any(s.start <= p < s.end for s in usable)]
-        raise Unavailable(f"no online server covers layers {uncovered[0]}..{uncovered[-1]} "
-                          f"(of [{start}, {end}))")
+        where = f"layers {uncovered[0]}..{uncovered[-1]}" if uncovered else "a contiguous chain"
+        raise Unavailable(f"no online server covers {where} (of [{start}, {end}))")
     return min(finals, key=lambda f: f[:2])[2]

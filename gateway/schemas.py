@@ -84,6 +84,13 @@ class Message(BaseModel):
     content: StrictStr | list[TextPart] | None = None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _content_required(self):
+        # OpenAI: only an assistant message that calls tools may come without content
+        if self.content is None and not (self.role == "assistant" and (self.model_extra or {}).get("tool_calls")):
+            raise ValueError(f"a {self.role} message needs `content`")
+        return self
+
     def text(self) -> str:
         if self.content is None:
             return ""

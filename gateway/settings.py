@@ -1,27 +1,37 @@
-"""Settings of a gateway, built once in __main__ (env prefix COROLLA_GATEWAY_)."""
+"""Settings of a gateway, built once in __main__ (env prefix COROLLA_GATEWAY_). Each field's
+description is its `--help` text (shared/flags.py)."""
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.dtypes import DtypeChoice
 
 
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COROLLA_GATEWAY_")
 
-    model: str | None = None  # reference: directory, hub id, or None/'smollm2'
-    model_name: str | None = None  # the API's model id (defaults to the model's served name)
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    api_key: str | None = None
-    dtype: str = "float32"  # of the gateway's ends (embeddings, norm, head)
-    cache_dir: str | None = None
-    num_threads: int | None = None  # torch threads of the compute thread (default: torch's choice)
-    step_timeout_s: float = Field(default=30.0, gt=0)  # a hop with no reply for this long has failed
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    failover_timeout_s: float = Field(default=30.0, ge=0)  # to find and rebuild a replacement for a failed hop
-    failover: bool = True  # off: a failed hop fails the request (the baseline of bench/failover.py)
-    ban_s: float = Field(default=15.0, gt=0)  # a failed server is not routed to for this long (doubling on repeats)
-    max_batch_rows: int = Field(default=64, ge=1)  # prompts x n per request
-    max_frame_bytes: int = Field(default=64 * 2**20, ge=1024)
-    swarm_secret: str | None = None  # required of blockservers' registry requests when set
-    ping_interval_s: float = Field(default=5.0, gt=0)  # how often the gateway measures its RTT to each server
-    retry_after_s: int = Field(default=5, ge=1)
+    model: str | None = Field(None, description="model directory, hub id, or 'smollm2' (default: SmolLM2-135M-Instruct)")
+    model_name: str | None = Field(
+        None, description="the model id the API shows, like vLLM's --served-model-name (default: derived from "
+                          "--model); only an alias: blockservers are matched by the model's fingerprint")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all)")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    api_key: str | None = Field(None, description="require this key as 'Authorization: Bearer KEY'")
+    dtype: DtypeChoice = Field("float32", description="dtype of the gateway's embeddings and LM head")
+    cache_dir: str | None = Field(None, description="where converted models are kept (default ~/.cache/corolla)")
+    num_threads: int | None = Field(None, ge=1, description="torch threads for the ends (default: all cores)")
+    step_timeout_s: float = Field(30.0, gt=0, description="a blockserver with no reply to a step for this long "
+                                                          "has failed")
+    connect_timeout_s: float = Field(10.0, gt=0, description="to open a session on a blockserver")
+    failover_timeout_s: float = Field(30.0, ge=0, description="how long to look for a replacement when a "
+                                                              "blockserver fails mid-generation")
+    failover: bool = Field(True, description="replace a failed blockserver mid-generation (--no-failover fails the "
+                                             "request instead, for comparisons)")
+    ban_s: float = Field(15.0, gt=0, json_schema_extra={"flag": "ban", "metavar": "SECONDS"},
+                         description="keep a failed blockserver out of routing this long, doubling on repeats")
+    max_batch_rows: int = Field(64, ge=1, description="prompts x n in one request")
+    max_frame_bytes: int = Field(64 * 2**20, ge=1024, description="largest WebSocket frame to send or accept")
+    swarm_secret: str | None = Field(None, description="require this join secret of blockservers' heartbeats")
+    ping_interval_s: float = Field(5.0, gt=0, description="how often to measure the round trip to each "
+                                                          "blockserver, for routing")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503s", json_schema_extra={"flag": False})

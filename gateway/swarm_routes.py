@@ -1,129 +1,158 @@
-"""A view of the swarm: /v1/swarm (JSON), /swarm (an HTML page drawing which servers cover which
-layers, refreshing itself), and the registry's routes that blockservers call."""
+"""The registry's routes that blockservers call, and views of the swarm: /v1/swarm (JSON) and
+/swarm (an HTML page drawing which servers cover which layers, updated in place every 2 s)."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import html
+import json
 
+import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from gateway.errors import APIError
-from gateway.pings import ping_new
-from gateway.registry import coverage
-from shared.records import ServerInfo, ServerState
+from gateway.state import GatewayState, ModelDep, StateDep
+from shared.errors import ModelMismatch
+from shared.records import HEARTBEAT_PATH, SECRET_HEADER, SERVERS_PATH, ServerInfo
 
-SECRET_HEADER = "X-Corolla-Swarm-Secret"
-
-
-def build_swarm_router(state) -> APIRouter:
-    router = APIRouter()
-    pending: set[asyncio.Task] = set()  # first pings of new servers
-
-    def check_secret(request: Request) -> None:
-        secret = state.settings.swarm_secret
-        if secret and not hmac.compare_digest(request.headers.get(SECRET_HEADER, ""), secret):
-            raise APIError(403, "this swarm needs its join secret (blockserver --swarm-secret)",
-                           "permission_error", code="bad_swarm_secret")
-
-    @router.post("/registry/heartbeat")
-    async def heartbeat(info: ServerInfo, request: Request):
-        """A blockserver's heartbeat: its record, renewed for its TTL (offline removes it)."""
-        check_secret(request)
-        new = info.server_id not in state.swarm.costs.rtts
-        state.swarm.registry.heartbeat(info)
-        if new and info.state == ServerState.online:
-            task = asyncio.create_task(ping_new(info, state.swarm.costs))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-        return {"ok": True}
-
-    @router.get("/registry/servers")
-    async def servers(request: Request):
-        """Every live blockserver record (joining ones included), of every model."""
-        check_secret(request)
-        return [s.model_dump(mode="json") for s in state.swarm.registry.servers()]
-
-    @router.get("/v1/swarm")
-    async def swarm():
-        """The swarm serving this gateway's model: servers, spans, states, speed, free cache, open
-        sessions, and per-layer coverage."""
-        return snapshot(state)
-
-    @router.get("/swarm", response_class=HTMLResponse)
-    async def swarm_page():
-        """The same, drawn: one row per server over the model's layers; refreshes every 2 s."""
-        return render(snapshot(state))
-
-    return router
+router = APIRouter()
+_first_pings: set[asyncio.Task] = set()
 
 
-def snapshot(state) -> dict:
-    model = state.model
-    records = state.swarm.registry.servers(model.name)
-    online = [s for s in records if s.state == ServerState.online]
-    costs, banned = state.swarm.costs, state.swarm.bans.active()
-    counts = coverage(online, model.num_layers)
-    throughput = [0.0] * model.num_layers
-    for s in online:
-        for layer in range(s.start, min(s.end, model.num_layers)):
-            throughput[layer] += s.throughput
-    return {
-        "model": model.name, "num_layers": model.num_layers,
-        "servers": [{
-            "server_id": s.server_id, "url": s.url, "start": s.start, "end": s.end, "state": s.state.value,
-            "throughput": s.throughput, "inference_rps": s.inference_rps, "cache_tokens_left": s.cache_tokens_left,
-            "sessions": s.sessions, "gateway_sessions": costs.load.get(s.server_id, 0), "dtype": s.dtype,
-            "rtt_ms": round(costs.rtts[s.server_id] * 1000, 2) if s.server_id in costs.rtts else None,
-            "banned": s.server_id in banned, "version": s.version,
-        } for s in records],
-        "coverage": counts, "layer_throughput": throughput,
-        "missing_layers": [i for i, c in enumerate(counts) if c == 0],
-        "failover": vars(state.swarm.failovers),
-    }
+def check_secret(request: Request, state: GatewayState) -> None:
+    secret = state.settings.swarm_secret
+    if secret and not hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), secret.encode()):
+        raise APIError(403, "this swarm needs its join secret (blockserver --swarm-secret)",
+                       "permission_error", code="bad_swarm_secret")
 
 
-def render(snap: dict) -> str:
-    n = snap["num_layers"]
-    colors = {"online": "#3b8e4f", "joining": "#d6a21e", "offline": "#999"}
-    rows = []
-    for s in snap["servers"]:
-        cells = "".join(
-            f'<td class="{"on" if s["start"] <= i < s["end"] else ""}" '
-            f'style="{"background:" + colors[s["state"]] if s["start"] <= i < s["end"] else ""}"></td>'
-            for i in range(n))
-        rtt = "–" if s["rtt_ms"] is None else f'{s["rtt_ms"]:.1f} ms'
-        rows.append(f'<tr><th class="id">{html.escape(s["server_id"])}<br><small>{html.escape(s["url"])}</small></th>'
-                    f'{cells}<td class="num">{s["start"]}:{s["end"]}</td><td>{s["state"]}</td>'
-                    f'<td class="num">{s["throughput"]:.1f}</td><td class="num">{s["sessions"]}</td>'
-                    f'<td class="num">{s["cache_tokens_left"]}</td><td class="num">{rtt}</td></tr>')
-    cover = "".join(f'<td class="cov{"" if c else " missing"}">{c}</td>' for c in snap["coverage"])
-    header = "".join(f"<th>{i}</th>" for i in range(n))
-    status = ("every layer is served" if not snap["missing_layers"]
-              else f'missing layers: {", ".join(map(str, snap["missing_layers"]))}')
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
-<title>Corolla swarm · {html.escape(snap["model"])}</title>
+@router.post(HEARTBEAT_PATH)
+async def heartbeat(info: ServerInfo, request: Request, state: StateDep):
+    """A blockserver's heartbeat: its record, renewed for its TTL (offline removes it). A record of
+    another model than this gateway's is refused with 409, naming both models."""
+    check_secret(request, state)
+    if state.model is None:
+        raise APIError(503, "the gateway is still loading its model", "server_error", code="loading",
+                       headers={"Retry-After": "1"})
+    try:
+        new = state.swarm.heartbeat(info)
+    except ModelMismatch as exc:
+        raise APIError(409, exc.message, code=exc.code) from None
+    if new:  # measure a new server at once, so that routing does not guess for a ping period
+        task = asyncio.create_task(_first_ping(state, info))
+        _first_pings.add(task)
+        task.add_done_callback(_first_pings.discard)
+    return {"ok": True, "model": state.model.facts.fingerprint}
+
+
+async def _first_ping(state: GatewayState, info: ServerInfo) -> None:
+    async with httpx.AsyncClient() as client:
+        await state.swarm.ping(client, [info])
+
+
+@router.get(SERVERS_PATH)
+async def servers(request: Request, state: StateDep, _: ModelDep):
+    """Every live blockserver record of this gateway's model (joining ones included)."""
+    check_secret(request, state)
+    return [s.model_dump(mode="json") for s in state.swarm.records()]
+
+
+@router.get("/v1/swarm")
+async def swarm(state: StateDep, _: ModelDep):
+    """The swarm serving this gateway's model: servers, spans, states, speed, free cache, open
+    sessions, and per-layer coverage."""
+    return state.swarm.snapshot()
+
+
+@router.get("/swarm", response_class=HTMLResponse)
+async def swarm_page(state: StateDep, _: ModelDep):
+    """The same, drawn: one row per server over the model's layers, updated in place every 2 s."""
+    snapshot = json.dumps(state.swarm.snapshot()).replace("</", "<\\/")  # cannot close the script element
+    return PAGE.replace("__SNAPSHOT__", snapshot)
+
+
+# The page draws itself from /v1/swarm's JSON and fetches it again every 2 s, replacing the table
+# in place (no reload: a headless browser with a virtual-time budget settles on a screenshot).
+# Every string from a record goes through textContent, never innerHTML.
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Corolla swarm</title>
 <style>
-body {{ font: 14px system-ui, sans-serif; margin: 24px; color: #222; }}
-table {{ border-collapse: collapse; }}
-td, th {{ border: 1px solid #ddd; padding: 2px 6px; text-align: center; }}
-td.on {{ min-width: 14px; }}
-th.id {{ text-align: left; font-weight: 600; }}
-td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-td.cov {{ background: #eef6ee; }} td.missing {{ background: #f4c7c3; font-weight: 700; }}
-.ok {{ color: #3b8e4f; }} .bad {{ color: #b3261e; }}
+body { font: 14px system-ui, sans-serif; margin: 24px; color: #222; }
+table { border-collapse: collapse; }
+td, th { border: 1px solid #ddd; padding: 2px 6px; text-align: center; }
+td.layer { min-width: 14px; }
+th.id { text-align: left; font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.cov { background: #eef6ee; } td.missing { background: #f4c7c3; font-weight: 700; }
+.ok { color: #3b8e4f; } .bad { color: #b3261e; }
 </style></head>
 <body>
-<h1>{html.escape(snap["model"])}</h1>
-<p class="{"ok" if not snap["missing_layers"] else "bad"}">{len(snap["servers"])} servers · {n} layers · {status}</p>
-<table>
-<tr><th>server</th>{header}<th>span</th><th>state</th><th>tok/s</th><th>sessions</th><th>free cache</th><th>RTT</th></tr>
-{"".join(rows)}
-<tr><th>servers per layer</th>{cover}<td colspan="6"></td></tr>
-</table>
-<p><small>failovers: {snap["failover"]["failures"]} failures, {snap["failover"]["recoveries"]} recovered ·
-refreshes every 2 s · <a href="/v1/swarm">JSON</a></small></p>
-</body></html>"""
+<h1 id="title"></h1>
+<p id="status"></p>
+<table id="swarm"></table>
+<p><small><span id="footer"></span> · updates every 2 s · <a href="/v1/swarm">JSON</a></small></p>
+<noscript>This page draws itself with JavaScript; the same data is at <a href="/v1/swarm">/v1/swarm</a>.</noscript>
+<script id="snapshot" type="application/json">__SNAPSHOT__</script>
+<script>
+const COLORS = {online: "#3b8e4f", joining: "#d6a21e", offline: "#999"};
+function cell(tag, text, cls) {
+  const c = document.createElement(tag);
+  if (text !== undefined) c.textContent = text;
+  if (cls) c.className = cls;
+  return c;
+}
+function draw(snap) {
+  const n = snap.num_layers;
+  document.title = "Corolla swarm · " + snap.model;
+  document.getElementById("title").textContent = snap.model;
+  const status = document.getElementById("status");
+  const missing = snap.missing_layers;
+  status.className = missing.length ? "bad" : "ok";
+  status.textContent = snap.servers.length + " servers · " + n + " layers · " +
+    (missing.length ? "missing layers: " + missing.join(", ") : "every layer is served");
+  const table = document.createElement("table");
+  table.id = "swarm";
+  const head = table.insertRow();
+  head.appendChild(cell("th", "server"));
+  for (let i = 0; i < n; i++) head.appendChild(cell("th", String(i)));
+  for (const h of ["span", "state", "tok/s", "sessions", "free cache", "RTT"]) head.appendChild(cell("th", h));
+  for (const s of snap.servers) {
+    const row = table.insertRow();
+    const id = cell("th", undefined, "id");
+    id.appendChild(document.createTextNode(s.server_id));
+    id.appendChild(document.createElement("br"));
+    id.appendChild(cell("small", s.url));
+    row.appendChild(id);
+    for (let i = 0; i < n; i++) {
+      const c = cell("td", undefined, "layer");
+      if (s.start <= i && i < s.end) c.style.background = COLORS[s.state] || "#999";
+      row.appendChild(c);
+    }
+    row.appendChild(cell("td", s.start + ":" + s.end, "num"));
+    row.appendChild(cell("td", s.state + (s.banned ? " (banned)" : "")));
+    row.appendChild(cell("td", s.throughput.toFixed(1), "num"));
+    row.appendChild(cell("td", String(s.sessions), "num"));
+    row.appendChild(cell("td", String(s.cache_tokens_left), "num"));
+    row.appendChild(cell("td", s.rtt_ms === null ? "–" : s.rtt_ms.toFixed(1) + " ms", "num"));
+  }
+  const cover = table.insertRow();
+  cover.appendChild(cell("th", "servers per layer"));
+  for (const c of snap.coverage) cover.appendChild(cell("td", String(c), c ? "cov" : "cov missing"));
+  const rest = cell("td");
+  rest.colSpan = 6;
+  cover.appendChild(rest);
+  document.getElementById("swarm").replaceWith(table);
+  const f = snap.failover;
+  document.getElementById("footer").textContent =
+    "failovers: " + f.failures + " failures, " + f.recoveries + " recovered, " + f.given_up + " given up";
+}
+draw(JSON.parse(document.getElementById("snapshot").textContent));
+function refresh() {
+  fetch("/v1/swarm", {credentials: "same-origin"}).then(r => r.ok ? r.json() : null)
+    .then(s => { if (s) draw(s); }).catch(() => {}).finally(() => setTimeout(refresh, 2000));
+}
+setTimeout(refresh, 2000);
+</script>
+</body></html>
+"""

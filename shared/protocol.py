@@ -1,66 +1,140 @@
 """The gateway ⇄ blockserver wire protocol: one message per WebSocket binary frame.
 
 A frame is `u32 header length (big-endian) | msgpack header | raw tensor bytes`. The header is a
-map with a `type` and the message's fields; `tensors` lists each tensor's name, dtype, shape and
-byte length, in the order their bytes follow. No pickle, ever. `decode` validates the frame's
-structure before any tensor is built; the receiver validates shapes against its session.
+map with a `type`, the message's fields, and `tensors`: each tensor's name, dtype, shape, codec
+and byte length, in the order their bytes follow. No pickle, ever.
 
-Messages of an inference session (DESIGN.md section 4):
-    open  {session_id, model, span:[start,end], max_length, batch_size, dtype}  -> ready | error
-    step  {step_id, position, hidden[B,T,H], mask?[B,T], hypo_ids?[B]}          -> result {step_id, hidden} | error
-    close {}
-Stateless:  forward {span, hidden[B,T,H], mask?[B,T]} -> result {hidden}
+Every message type is a frozen pydantic model below; `decode` validates the header against it
+(unknown types, unknown fields, wrong types and unexpected tensors are refused) and checks every
+tensor descriptor before any tensor is built. The receiver then checks shapes against its session.
+
+Messages of an inference session (DESIGN.md section 4), one WebSocket per session per server:
+    Open   {session_id, model, span, max_length, batch_size, dtype}    -> Ready | Error
+    Step   {step_id, position}  hidden[B,T,H] mask?[B,T] hypo_ids?[B] -> Result{step_id, position} hidden | Error
+    Close  {}
+Stateless, on any socket:
+    Forward {span}  hidden[B,T,H] mask?[B,T]                          -> Result hidden
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Annotated, ClassVar, Literal
 
 import msgpack
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 from shared.errors import ProtocolError
 
-MESSAGE_TYPES = {"open", "ready", "step", "result", "close", "forward", "error"}
 WIRE_DTYPES = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
     "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool,
 }
-DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+WIRE_DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 8
 MAX_DIMS = 4
+MAX_BATCH = 256  # rows of one session
 _LENGTH = struct.Struct(">I")
 
+SessionId = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+NonNegative = Annotated[StrictInt, Field(ge=0)]
+LayerRange = Annotated[list[NonNegative], Field(min_length=2, max_length=2)]  # [start, end)
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
 
-@dataclass
+
+class Header(BaseModel):
+    """A message's header. `tensors` lists the tensors it must and may carry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    required_tensors: ClassVar[frozenset[str]] = frozenset()
+    optional_tensors: ClassVar[frozenset[str]] = frozenset()
+
+
+class Open(Header):
+    type: Literal["open"] = "open"
+    session_id: SessionId
+    model: Annotated[StrictStr, Field(min_length=1, max_length=128)]  # the model's fingerprint
+    span: LayerRange  # the layers this session runs, within the server's span
+    max_length: Annotated[StrictInt, Field(ge=1)]  # tokens the session may reach
+    batch_size: Annotated[StrictInt, Field(ge=1, le=MAX_BATCH)] = 1
+    dtype: ComputeDtype
+
+
+class Ready(Header):
+    type: Literal["ready"] = "ready"
+    session_id: SessionId
+    position: NonNegative = 0
+
+
+class Step(Header):
+    type: Literal["step"] = "step"
+    step_id: NonNegative
+    position: NonNegative  # tokens the server must already hold; it truncates to this first
+    required_tensors = frozenset({"hidden"})
+    optional_tensors = frozenset({"mask", "hypo_ids"})
+
+
+class Result(Header):
+    type: Literal["result"] = "result"
+    step_id: NonNegative | None = None
+    position: NonNegative | None = None  # tokens held after the step
+    optional_tensors = frozenset({"hidden"})
+
+
+class Close(Header):
+    type: Literal["close"] = "close"
+
+
+class Forward(Header):
+    type: Literal["forward"] = "forward"
+    span: LayerRange
+    required_tensors = frozenset({"hidden"})
+    optional_tensors = frozenset({"mask"})
+
+
+class Error(Header):
+    type: Literal["error"] = "error"
+    code: Annotated[StrictStr, Field(max_length=64)]
+    message: Annotated[StrictStr, Field(max_length=4096)]
+
+
+AnyHeader = Open | Ready | Step | Result | Close | Forward | Error
+_HEADERS: TypeAdapter[AnyHeader] = TypeAdapter(Annotated[AnyHeader, Field(discriminator="type")])
+MESSAGE_TYPES = frozenset(h.model_fields["type"].default for h in (Open, Ready, Step, Result, Close, Forward, Error))
+
+
+@dataclass(frozen=True)
 class Message:
-    type: str
-    fields: dict = field(default_factory=dict)
+    header: AnyHeader
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def __getitem__(self, key):
-        return self.fields[key]
-
-    def get(self, key, default=None):
-        return self.fields.get(key, default)
+    @property
+    def type(self) -> str:
+        return self.header.type
 
 
-def encode(type_: str, tensors: dict[str, torch.Tensor] | None = None, **fields) -> bytes:
+def encode(header: Header, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
     descriptors, payloads = [], []
     for name, tensor in (tensors or {}).items():
         tensor = tensor.detach().contiguous().cpu()
         raw = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        descriptors.append({"name": name, "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+        descriptors.append({"name": name, "dtype": WIRE_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
                             "codec": "raw", "nbytes": len(raw)})
         payloads.append(raw)
-    header = msgpack.packb({"type": type_, **fields, "tensors": descriptors}, use_bin_type=True)
-    return b"".join([_LENGTH.pack(len(header)), header, *payloads])
+    fields = header.model_dump(mode="python")
+    packed = msgpack.packb(fields | {"tensors": descriptors}, use_bin_type=True)
+    return b"".join([_LENGTH.pack(len(packed)), packed, *payloads])
+
+
+def error_frame(code: str, message: str) -> bytes:
+    return encode(Error(code=code, message=message[:4096]))
 
 
 def decode(frame: bytes, max_frame_bytes: int) -> Message:
-    """Parse a frame; raise ProtocolError on anything malformed, before allocating tensors."""
+    """Parse and validate a frame; raise ProtocolError on anything malformed, before allocating tensors."""
     if not isinstance(frame, (bytes, bytearray)):
         raise ProtocolError("frames must be binary")
     if len(frame) > max_frame_bytes:
@@ -71,18 +145,30 @@ def decode(frame: bytes, max_frame_bytes: int) -> Message:
     if header_len > MAX_HEADER_BYTES or _LENGTH.size + header_len > len(frame):
         raise ProtocolError(f"bad header length {header_len}")
     try:
-        header = msgpack.unpackb(frame[_LENGTH.size:_LENGTH.size + header_len], raw=False, strict_map_key=True)
+        fields = msgpack.unpackb(frame[_LENGTH.size:_LENGTH.size + header_len], raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ProtocolError(f"header is not valid msgpack: {exc}") from None
-    if not isinstance(header, dict) or header.get("type") not in MESSAGE_TYPES:
-        raise ProtocolError(f"unknown message type {header.get('type') if isinstance(header, dict) else None!r}")
-    descriptors = header.pop("tensors", [])
+    if not isinstance(fields, dict):
+        raise ProtocolError("the header must be a map")
+    descriptors = fields.pop("tensors", [])
+    if fields.get("type") not in MESSAGE_TYPES:
+        raise ProtocolError(f"unknown message type {fields.get('type')!r}")
+    try:
+        header = _HEADERS.validate_python(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:]) or "header"
+        raise ProtocolError(f"bad {fields['type']} message: {where}: {first['msg']}") from None
     if not isinstance(descriptors, list) or len(descriptors) > MAX_TENSORS:
         raise ProtocolError(f"tensors must be a list of at most {MAX_TENSORS} descriptors")
     offset = _LENGTH.size + header_len
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
+    allowed = header.required_tensors | header.optional_tensors
     for d in descriptors:
         name, dtype, shape, nbytes = _check_descriptor(d)
+        if name not in allowed or name in tensors:
+            raise ProtocolError(f"a {header.type} message carries no tensor {name!r} "
+                                f"(allowed: {', '.join(sorted(allowed)) or 'none'})")
         if offset + nbytes > len(frame):
             raise ProtocolError(f"tensor {name!r} runs past the end of the frame")
         buffer = bytearray(frame[offset:offset + nbytes])
@@ -91,7 +177,10 @@ def decode(frame: bytes, max_frame_bytes: int) -> Message:
         offset += nbytes
     if offset != len(frame):
         raise ProtocolError(f"{len(frame) - offset} stray bytes after the tensors")
-    return Message(header.pop("type"), header, tensors)
+    missing = header.required_tensors - tensors.keys()
+    if missing:
+        raise ProtocolError(f"a {header.type} message needs the tensor(s) {', '.join(sorted(missing))}")
+    return Message(header, tensors)
 
 
 def _check_descriptor(d) -> tuple[str, torch.dtype, list[int], int]:
@@ -110,7 +199,3 @@ def _check_descriptor(d) -> tuple[str, torch.dtype, list[int], int]:
     if not isinstance(nbytes, int) or nbytes != numel * dtype.itemsize:
         raise ProtocolError(f"tensor {name!r}: {nbytes!r} bytes do not match shape {shape} of {dtype_name}")
     return name, dtype, shape, nbytes
-
-
-def error_frame(code: str, message: str, **fields) -> bytes:
-    return encode("error", code=code, message=message, **fields)

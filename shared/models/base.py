@@ -14,27 +14,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from shared.dtypes import dtype_name
 from shared.errors import BadRequest
 from shared.models.cache import SpanCache
 from shared.models.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def resolve_dtype(name: str, config) -> torch.dtype:
-    """'auto' takes the checkpoint's dtype (float32 if it names none)."""
-    if name == "auto":
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        if isinstance(dtype, str):
-            dtype = DTYPES.get(dtype)
-        return dtype if dtype in DTYPE_NAMES else torch.float32
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise BadRequest(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}") from None
+# Config attributes that name a model's context length, in the order families use them.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len", "max_sequence_length")
 
 
 @dataclass
@@ -55,6 +43,26 @@ class Family:
     layers_path = "model.layers"  # module path of the layer list, also the checkpoint prefix
     base_path = "model"  # the decoder (holds norm / rotary) inside the *ForCausalLM
     final_norm = "norm"
+    default_context_length = 2048  # for configs that name none (ALiBi models such as BLOOM)
+
+    # ---- facts about a config (the only place outside transformers that reads its attributes)
+    def context_length(self, config) -> int:
+        for key in CONTEXT_KEYS:
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return self.default_context_length
+
+    def kv_shape(self, config) -> tuple[int, int]:
+        """(key/value heads, head dim) of one layer's cache."""
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return heads, head_dim
+
+    def kv_bytes_per_token(self, config, dtype: torch.dtype) -> int:
+        """Bytes of keys and values one token occupies in one layer's cache."""
+        heads, head_dim = self.kv_shape(config)
+        return 2 * heads * head_dim * dtype.itemsize
 
     # ---- loading
     def layer_tensors(self, checkpoint: Checkpoint, index: int, names: list[str]) -> dict[str, torch.Tensor]:
@@ -108,22 +116,17 @@ def materialize(module: nn.Module, tensors: dict[str, torch.Tensor], device, dty
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise BadRequest(f"checkpoint lacks tensors of {what}: {missing[:5]}{' …' if len(missing) > 5 else ''}")
-    loaded = 0
+    values = {}
     for name, tensor in tensors.items():
         if name not in expected:
             continue
         if tensor.shape != expected[name].shape:
             raise BadRequest(f"{what}: {name} has shape {tuple(tensor.shape)} in the checkpoint, "
                              f"{tuple(expected[name].shape)} in the config")
-        owner_path, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_path) if owner_path else module
-        value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-        else:
-            owner._buffers[leaf] = value
-        loaded += value.numel()
-    return loaded
+        values[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    module.load_state_dict(values, strict=False, assign=True)
+    module.requires_grad_(False)  # the served weights are frozen; fine-tuning trains the client's parameters
+    return sum(v.numel() for v in values.values())
 
 
 class LoadedSpan:
@@ -138,6 +141,11 @@ class LoadedSpan:
         self.loaded_values = loaded_values  # parameters actually read from the checkpoint
         self.windows = [family.window(config, i) for i in range(start, end)]
         self.hidden_size = config.hidden_size
+        self.context_length = family.context_length(config)
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
 
     def new_cache(self, batch_size: int, max_length: int) -> SpanCache:
         return SpanCache(batch_size, max_length, self.device)

@@ -68,6 +68,10 @@ class SpanCache:
         self.pad_mask = self.pad_mask.index_select(0, hypo_ids)
         self._kv = {i: (k.index_select(0, hypo_ids), v.index_select(0, hypo_ids)) for i, (k, v) in self._kv.items()}
 
+    def free(self) -> None:
+        """Drop the keys and values now (on the thread that made them)."""
+        self._kv.clear()
+
     @property
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self._kv.values())

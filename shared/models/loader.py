@@ -1,25 +1,30 @@
 """Loading what each side needs of a model: a span of layers (blockserver), the ends and the
-tokenizer (gateway). Only the tensors asked for are read; the rest is never materialized."""
+tokenizer (gateway), and the facts both need (`ModelFacts`). Only the tensors asked for are read;
+the rest is never materialized."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from shared.dtypes import resolve_dtype
 from shared.errors import BadRequest, UnsupportedModel
-from shared.models.base import Family, LoadedSpan, ModelEnds, build_skeleton, materialize, resolve_dtype
-from shared.models.bloom import BloomFamily
+from shared.models.base import Family, LoadedSpan, ModelEnds, build_skeleton, materialize
 from shared.models.checkpoint import Checkpoint
-from shared.models.falcon import FalconFamily
-from shared.models.llama import LlamaFamily
-from shared.models.mixtral import MixtralFamily
+from shared.models.families.bloom import BloomFamily
+from shared.models.families.falcon import FalconFamily
+from shared.models.families.llama import LlamaFamily
+from shared.models.families.mixtral import MixtralFamily
+from shared.models.fingerprint import model_fingerprint
 
 log = logging.getLogger(__name__)
 
 FAMILIES: tuple[Family, ...] = (LlamaFamily(), MixtralFamily(), BloomFamily(), FalconFamily())
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def supported_model_types() -> list[str]:
@@ -42,6 +47,32 @@ def family_for(config) -> Family:
 
 def num_layers(config) -> int:
     return config.num_hidden_layers
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What gateways and blockservers need to know about a model, read from its directory."""
+
+    directory: Path
+    fingerprint: str  # what the swarm matches on (shared/models/fingerprint.py)
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+    config: object  # the transformers config, for the adapters
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes of KV cache one token takes in one layer, in `dtype`."""
+        return family_for(self.config).kv_bytes_per_token(self.config, dtype)
+
+
+def load_facts(model_dir: Path) -> ModelFacts:
+    config = load_config(model_dir)
+    family = family_for(config)
+    return ModelFacts(directory=Path(model_dir), fingerprint=model_fingerprint(model_dir),
+                      model_type=config.model_type, num_layers=num_layers(config), hidden_size=config.hidden_size,
+                      vocab_size=config.vocab_size, context_length=family.context_length(config), config=config)
 
 
 def load_span(model_dir: Path, start: int, end: int, device: str | torch.device = "cpu",
@@ -80,6 +111,25 @@ def load_span(model_dir: Path, start: int, end: int, device: str | torch.device 
     return LoadedSpan(family, config, start, end, layers, rotary, device, torch_dtype, loaded)
 
 
+def random_layer(config, device: str | torch.device, dtype: torch.dtype) -> LoadedSpan:
+    """A one-layer span of layer 0's shape with random weights: the throughput probe's subject."""
+    family = family_for(config)
+    skeleton = build_skeleton(config)
+    layer = skeleton.get_submodule(family.layers_path)[0]
+    layer.to_empty(device=device)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    layer.to(dtype).eval().requires_grad_(False)
+    return LoadedSpan(family, skeleton.config, 0, 1, torch.nn.ModuleList([layer]),
+                      family.rotary(skeleton, skeleton.config, device), torch.device(device), dtype, 0)
+
+
+def layer_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of one decoder layer's weights in `dtype` (from the config; nothing is allocated)."""
+    layer = build_skeleton(config).get_submodule(family_for(config).layers_path)[0]
+    return sum(p.numel() for p in layer.parameters()) * dtype.itemsize
+
+
 def load_ends(model_dir: Path, device: str | torch.device = "cpu", dtype: str = "auto") -> ModelEnds:
     """Load the embeddings, final norm and LM head (tied to the embeddings if the config says so)."""
     config = load_config(model_dir)
@@ -101,11 +151,29 @@ def load_ends(model_dir: Path, device: str | torch.device = "cpu", dtype: str = 
             raise BadRequest("checkpoint has no LM head and the config does not tie it to the embeddings")
         modules["head"].weight = modules["embed"].weight
     checkpoint.close()
-    ends = ModelEnds(family, skeleton.config, modules).eval()
-    return ends
+    return ModelEnds(family, skeleton.config, modules).eval()
 
 
 def load_tokenizer(model_dir: Path):
+    """The model's tokenizer, or None for checkpoints that ship none (tiny test models, bare layers)."""
     from transformers import AutoTokenizer
 
+    if not any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
+        return None
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+def eos_ids(model_dir: Path, config, tokenizer) -> frozenset[int]:
+    """Every token that ends a generation: the generation config's, the config's and the tokenizer's."""
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    try:
+        value = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        value = getattr(config, "eos_token_id", None)
+    if value is not None:
+        ids.update(value if isinstance(value, list) else [value])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -21,7 +21,7 @@ def up(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("up") / "up.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--servers", "3", "--port", str(port)],
+        process = subprocess.Popen([sys.executable, "-m", "corolla", "up", "--servers", "3", "--port", str(port)],
                                    stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     url = f"http://127.0.0.1:{port}"
     try:

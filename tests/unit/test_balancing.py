@@ -2,7 +2,7 @@
 
 import random
 
-from gateway.routing import Costs, route_chain
+from gateway.routing import route_chain
 from shared.balancing import (
     Placement,
     choose_span,
@@ -60,18 +60,18 @@ def test_best_responses_reach_the_optimum_on_a_small_swarm():
 
 def info(sid, start, end, rps=1000.0, sessions=0, cache=10**6, pings=None):
     return ServerInfo(server_id=sid, url=f"http://127.0.0.1:9/{sid}", model="m", start=start, end=end,
-                      inference_rps=rps, sessions=sessions, cache_tokens_left=cache, next_pings=pings or {})
+                      decode_tokens_per_s=rps, sessions=sessions, cache_tokens_left=cache, next_pings=pings or {})
 
 
 def test_routing_prefers_the_faster_path():
     servers = [info("fast", 0, 4, rps=1000), info("slow", 0, 4, rps=10)]
     assert route_chain(servers, 4)[0].server.server_id == "fast"
     near_far = [info("near", 0, 4), info("far", 0, 4)]
-    costs = Costs(rtts={"near": 0.001, "far": 0.101})
-    assert all(route_chain(near_far, 4, costs=costs)[0].server.server_id == "near" for _ in range(20))
+    rtts = {"near": 0.001, "far": 0.101}
+    assert all(route_chain(near_far, 4, rtts=rtts)[0].server.server_id == "near" for _ in range(20))
     # server-to-server RTTs published in next_pings steer the second hop
     chain = [info("a", 0, 2, pings={"b1": 0.2, "b2": 0.002}), info("b1", 2, 4), info("b2", 2, 4)]
-    assert route_chain(chain, 4, costs=Costs(rtts={"a": 0.001, "b1": 0.001, "b2": 0.001}))[1].server.server_id == "b2"
+    assert route_chain(chain, 4, rtts={"a": 0.001, "b1": 0.001, "b2": 0.001})[1].server.server_id == "b2"
 
 
 def test_routing_penalizes_missing_cache():
@@ -82,10 +82,10 @@ def test_routing_penalizes_missing_cache():
 
 def test_routing_spreads_load_over_equal_replicas():
     servers = [info("x", 0, 4), info("y", 0, 4)]
-    costs = Costs(rtts={"x": 0.001, "y": 0.0012})
+    rtts, load = {"x": 0.001, "y": 0.0012}, {}
     picks = []
     for _ in range(8):  # the gateway counts a session from routing on
-        pick = route_chain(servers, 4, costs=costs)[0].server.server_id
-        costs.load[pick] = costs.load.get(pick, 0) + 1
+        pick = route_chain(servers, 4, rtts=rtts, load=load)[0].server.server_id
+        load[pick] = load.get(pick, 0) + 1
         picks.append(pick)
     assert picks.count("x") == 4 and picks.count("y") == 4

@@ -72,7 +72,7 @@ def test_registry_expires_records_and_honours_offline():
     registry = Registry(clock=lambda: now[0])
     registry.heartbeat(server("a", 0, 2, ttl=6))
     registry.heartbeat(server("b", 2, 4, state=ServerState.joining))
-    assert [s.server_id for s in registry.online("m")] == ["a"]
+    assert [s.server_id for s in registry.servers("m") if s.state == ServerState.online] == ["a"]
     assert coverage(registry.servers("m"), 4) == [1, 1, 1, 1]
     now[0] += 5.9
     assert len(registry.servers()) == 2
@@ -105,16 +105,60 @@ def test_route_chain_tiles_the_layers_and_spreads_load():
 # ---- frames
 def test_frame_round_trip_and_rejections():
     hidden = torch.randn(2, 3, 8).to(torch.bfloat16)
-    message = protocol.decode(protocol.encode("step", {"hidden": hidden}, step_id=4, position=7), 1 << 20)
-    assert message.type == "step" and message["position"] == 7 and torch.equal(message.tensors["hidden"], hidden)
+    message = protocol.decode(protocol.encode(protocol.Step(step_id=4, position=7), {"hidden": hidden}), 1 << 20)
+    assert message.type == "step" and message.header.position == 7
+    assert torch.equal(message.tensors["hidden"], hidden)
     with pytest.raises(ProtocolError, match="exceeds the limit"):
-        protocol.decode(protocol.encode("step", {"hidden": hidden}), 16)
+        protocol.decode(protocol.encode(protocol.Step(step_id=0, position=0), {"hidden": hidden}), 16)
     with pytest.raises(ProtocolError, match="stray bytes"):
-        protocol.decode(protocol.encode("close") + b"x", 1 << 20)
-    header = msgpack.packb({"type": "step", "tensors": [{"name": "h", "dtype": "complex64", "shape": [1],
-                                                          "nbytes": 8}]})
+        protocol.decode(protocol.encode(protocol.Close()) + b"x", 1 << 20)
+    header = msgpack.packb({"type": "step", "step_id": 0, "position": 0, "tensors": [
+        {"name": "hidden", "dtype": "complex64", "shape": [1], "nbytes": 8}]})
     with pytest.raises(ProtocolError, match="bad tensor descriptor"):
         protocol.decode(len(header).to_bytes(4, "big") + header + b"\0" * 8, 1 << 20)
+
+
+def frame(fields: dict, tensors: dict | None = None) -> bytes:
+    """A frame with any header at all (encode() only writes valid ones)."""
+    descriptors, payload = [], b""
+    for name, t in (tensors or {}).items():
+        raw = t.numpy().tobytes()
+        descriptors.append({"name": name, "dtype": "float32", "shape": list(t.shape), "codec": "raw",
+                            "nbytes": len(raw)})
+        payload += raw
+    header = msgpack.packb(fields | {"tensors": descriptors})
+    return len(header).to_bytes(4, "big") + header + payload
+
+
+@pytest.mark.parametrize("fields, tensors, error", [
+    ({"type": "hello"}, None, "unknown message type"),
+    ({"type": "step", "step_id": 0, "position": 0}, None, "needs the tensor"),
+    ({"type": "step", "step_id": 0, "position": True}, {"hidden": torch.zeros(1)}, "position"),
+    ({"type": "step", "step_id": 0, "position": -1}, {"hidden": torch.zeros(1)}, "position"),
+    ({"type": "step", "step_id": 0, "position": 0, "extra": 1}, {"hidden": torch.zeros(1)}, "extra"),
+    ({"type": "step", "step_id": 0, "position": 0}, {"hidden": torch.zeros(1), "weights": torch.zeros(1)},
+     "carries no tensor 'weights'"),
+    ({"type": "open", "session_id": "s", "model": "m", "span": [0], "max_length": 4, "dtype": "float32"}, None,
+     "span"),
+    ({"type": "open", "session_id": "s", "model": "m", "span": [0, 2], "max_length": 4, "dtype": "int8"}, None,
+     "dtype"),
+    ({"type": "open", "session_id": "", "model": "m", "span": [0, 2], "max_length": 4, "dtype": "float32"}, None,
+     "session_id"),
+    ({"type": "close"}, {"hidden": torch.zeros(1)}, "carries no tensor"),
+])
+def test_typed_headers_refuse_what_their_message_does_not_define(fields, tensors, error):
+    with pytest.raises(ProtocolError, match=error):
+        protocol.decode(frame(fields, tensors), 1 << 20)
+
+
+def test_error_codes_map_back_to_the_exception_tree():
+    from shared.errors import BadRequest, CacheFull, CorollaError, SessionExpired
+
+    assert CorollaError.for_code("cache_full") is CacheFull
+    assert CorollaError.for_code("session_expired") is SessionExpired
+    assert CorollaError.for_code("bad_request") is BadRequest
+    assert CorollaError.for_code("never-heard-of-it") is Unavailable
+    assert CorollaError.for_code(7) is Unavailable
 
 
 def test_bans_double_on_repeat_and_expire():

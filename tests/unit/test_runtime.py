@@ -52,8 +52,36 @@ def test_cache_budget_is_reserved_and_released(tiny_dir):
         await runtime.close("a")  # frees room: the waiting open goes through
         await waiter
         assert runtime.cache_tokens_left == 500
-        with pytest.raises(CacheFull, match="whole cache budget"):
+        with pytest.raises(CacheFull, match="whole budget"):
             await runtime.open("d", 1, 2000, 0.1, 0, 2)
+
+    run(scenario())
+    compute.shutdown()
+
+
+def test_concurrent_opens_of_one_id_and_cancelled_closes_leak_nothing(tiny_dir):
+    span = load_span(tiny_dir("llama"), 0, 2, dtype="float32")
+    compute = ComputeThread("test")
+
+    async def scenario():
+        runtime = Runtime(span, 16384, compute)
+        opens = await asyncio.gather(*(runtime.open("same", 1, 2048, 1.0, 0, 2) for _ in range(8)),
+                                     return_exceptions=True)
+        assert sum(not isinstance(o, BaseException) for o in opens) == 1  # one ready, seven refused
+        assert runtime.cache_tokens_left == 16384 - 2048
+        closing = asyncio.create_task(runtime.close("same"))
+        await asyncio.sleep(0)  # let it start, then cancel it in the middle, as a vanished client does
+        closing.cancel()
+        await asyncio.gather(closing, return_exceptions=True)
+        assert runtime.cache_tokens_left == 16384 and runtime.open_sessions() == []
+        # an open cancelled while it waits for room takes nothing either
+        await runtime.open("big", 1, 16000, 1.0, 0, 2)
+        waiting = asyncio.create_task(runtime.open("late", 1, 1000, 5.0, 0, 2))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await runtime.close("big")
+        assert runtime.cache_tokens_left == 16384 and "late" not in runtime.sessions
 
     run(scenario())
     compute.shutdown()

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from corolla.verify import verify_model
 from shared.models.loader import load_ends, load_span, load_tokenizer
 from shared.models.resolve import resolve_model
-from shared.models.verify import verify_model
 from shared.records import even_spans
 
 

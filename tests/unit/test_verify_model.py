@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from shared.models.llama import LlamaFamily
-from shared.models.verify import verify_model
+from corolla.verify import verify_model
+from shared.models.families.llama import LlamaFamily
 from tests import tiny
 
 
@@ -25,10 +25,10 @@ def test_verify_model_fails_when_the_split_model_is_wrong(tiny_dir, monkeypatch)
 
 
 def test_verify_model_command_exit_status(tiny_dir):
-    ok = subprocess.run([sys.executable, "-m", "shared.cli", "verify-model", str(tiny_dir("falcon-new")),
+    ok = subprocess.run([sys.executable, "-m", "corolla", "verify-model", str(tiny_dir("falcon-new")),
                          "--spans", "3", "--steps", "20"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "PASS" in ok.stdout and "max |Δlogit|" in ok.stdout
-    missing = subprocess.run([sys.executable, "-m", "shared.cli", "verify-model", "/nonexistent/model"],
+    missing = subprocess.run([sys.executable, "-m", "corolla", "verify-model", "/nonexistent/model"],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "not a directory" in missing.stderr

@@ -23,6 +23,18 @@ class FalconFamily(Family):
     def window(self, config, index):
         return None
 
+    def kv_shape(self, config):
+        # What transformers' FalconAttention caches: 7B is multi-query (one KV head, though its
+        # config still says num_kv_heads = heads); 40B/180B group their KV heads but expand them to
+        # every attention head before the cache; RW keeps num_kv_heads.
+        if config.new_decoder_architecture:
+            heads = config.num_attention_heads
+        elif config.multi_query:
+            heads = 1
+        else:
+            heads = config.num_kv_heads
+        return heads, config.hidden_size // config.num_attention_heads
+
     def prepare(self, span: LoadedSpan, hidden: torch.Tensor, full_mask: torch.Tensor) -> StepInputs:
         batch, tokens, _ = hidden.shape
         config = span.config

@@ -8,7 +8,7 @@ them in memory as `mlp.experts.gate_up_proj` [experts, 2*intermediate, hidden] (
 import torch
 
 from shared.models.checkpoint import Checkpoint
-from shared.models.llama import LlamaFamily
+from shared.models.families.llama import LlamaFamily
 
 
 class MixtralFamily(LlamaFamily):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 import httpx
+
+DESCRIPTION = ("Print the servers, spans, speed, free cache and per-layer coverage of the swarm behind a "
+               "gateway (its /v1/swarm).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +33,6 @@ def render(snap: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     url = args.gateway.rstrip("/")
     try:
         response = httpx.get(f"{url}/v1/swarm", timeout=10)

@@ -1,0 +1,56 @@
+"""What the gateway's routes share, typed, and the FastAPI dependencies that hand it to them."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from gateway.chain import ChainConfig
+from gateway.channel import Connect, websocket_connect
+from gateway.errors import APIError
+from gateway.model import GatewayModel
+from gateway.settings import GatewaySettings
+from gateway.swarm import Swarm
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    swarm: Swarm
+    connect: Connect = websocket_connect  # the chain's seam (tests connect in-process servers)
+    model: GatewayModel | None = None  # None while loading
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def chain_config(self) -> ChainConfig:
+        return ChainConfig.of(self.settings)
+
+
+def get_state(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+def get_model(state: Annotated[GatewayState, Depends(get_state)]) -> GatewayModel:
+    if state.model is None:
+        raise APIError(503, "The model is still loading; retry shortly.", "server_error", code="loading",
+                       headers={"Retry-After": str(state.settings.retry_after_s)})
+    return state.model
+
+
+def check_api_key(request: Request, state: Annotated[GatewayState, Depends(get_state)]) -> None:
+    key = state.settings.api_key
+    if not key:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        shown = given.strip()[:6]
+        raise APIError(401, f"Incorrect API key provided: {shown + '…' if shown else '(none)'}",
+                       code="invalid_api_key")
+
+
+StateDep = Annotated[GatewayState, Depends(get_state)]
+ModelDep = Annotated[GatewayModel, Depends(get_model)]

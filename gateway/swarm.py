@@ -1,0 +1,147 @@
+"""The gateway's view of the swarm, with one owner: the registry of records, bans, measured RTTs,
+this gateway's own sessions per server, and failover counts. Routes, the chain and the views all
+go through it."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import httpx
+
+from gateway.bans import Bans
+from gateway.registry import Registry, coverage
+from gateway.routing import Hop, RoutingCosts, route_chain
+from shared.balancing import layer_throughputs, placements
+from shared.errors import ModelMismatch
+from shared.records import ServerInfo, ServerState
+from shared.rtt import RoundTrips
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FailoverStats:
+    failures: int = 0  # hops that failed mid-session
+    recoveries: int = 0  # failures repaired by a replacement
+    given_up: int = 0  # failures with no replacement before the deadline
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """Which model this gateway serves: its fingerprint (what servers must match) and its names."""
+
+    fingerprint: str
+    name: str  # the API's model id (an alias)
+    num_layers: int
+
+    def describe(self) -> str:
+        return f"{self.name} (fingerprint {self.fingerprint})"
+
+
+class Lease:
+    """One session of this gateway on one server, counted from routing to close. Releasing is
+    synchronous and idempotent, so that cleanup that gets cancelled still gives the count back."""
+
+    def __init__(self, load: dict[str, int], server_id: str):
+        self._load, self.server_id = load, server_id
+        load[server_id] = load.get(server_id, 0) + 1
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._load[self.server_id] -= 1
+            if not self._load[self.server_id]:
+                del self._load[self.server_id]
+
+
+class Swarm:
+    def __init__(self, ban_s: float = 15.0, costs: RoutingCosts | None = None,
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None):
+        self.registry = Registry(clock)
+        self.bans = Bans(ban_s, clock=clock)
+        self.rtts = RoundTrips()
+        self.load: dict[str, int] = {}  # sessions this gateway has open on each server
+        self.failovers = FailoverStats()
+        self.costs = costs or RoutingCosts()
+        self.model: ServedModel | None = None  # set once the gateway's model is loaded
+        self._rng = rng or random.Random()
+        self._mismatches_logged: set[str] = set()
+
+    # ---- records
+    def heartbeat(self, info: ServerInfo) -> bool:
+        """Take a heartbeat; True when the server is new (worth a first ping at once).
+        A record of another model is refused with ModelMismatch, logged once per server."""
+        model = self.model
+        if model is not None and info.model != model.fingerprint:
+            message = (f"blockserver {info.server_id} at {info.url} serves {info.model_name or '?'} (fingerprint "
+                       f"{info.model}), but this gateway serves {model.describe()}")
+            if info.server_id not in self._mismatches_logged:
+                self._mismatches_logged.add(info.server_id)
+                log.warning("refused: %s", message)
+            raise ModelMismatch(message)
+        new = info.server_id not in self.registry
+        self.registry.heartbeat(info)
+        return new and info.state == ServerState.online
+
+    def records(self) -> list[ServerInfo]:
+        """Every live record of our model, any state."""
+        if self.model is None:
+            return []
+        return self.registry.servers(self.model.fingerprint)
+
+    def online(self) -> list[ServerInfo]:
+        return [s for s in self.records() if s.state == ServerState.online]
+
+    # ---- routing
+    def route(self, start: int = 0, end: int | None = None, cache_tokens: int = 0) -> list[Hop]:
+        assert self.model is not None, "route() before the model is loaded"
+        return route_chain(self.online(), self.model.num_layers, self.bans.active(), rtts=self.rtts.seconds,
+                           load=self.load, costs=self.costs, rng=self._rng, start=start, end=end,
+                           cache_tokens=cache_tokens)
+
+    def lease(self, server_id: str) -> Lease:
+        return Lease(self.load, server_id)
+
+    def ban(self, server_id: str) -> float:
+        return self.bans.ban(server_id)
+
+    # ---- measurements
+    async def ping(self, client: httpx.AsyncClient, servers: list[ServerInfo] | None = None) -> None:
+        """Measure the RTT to `servers` (default: every online one; others' RTTs are forgotten)."""
+        everyone = servers is None
+        servers = self.online() if everyone else servers
+        await self.rtts.measure(client, {s.server_id: s.url for s in servers})
+        if everyone:
+            self.rtts.keep_only({s.server_id for s in servers})
+
+    # ---- views
+    def coverage(self) -> list[int]:
+        return coverage(self.online(), self.model.num_layers) if self.model else []
+
+    def snapshot(self) -> dict:
+        """The swarm as /v1/swarm shows it."""
+        model = self.model
+        records = self.records()
+        banned = self.bans.active()
+        counts = self.coverage()
+        throughput = layer_throughputs(placements(self.online()), model.num_layers)
+        return {
+            "model": model.name, "fingerprint": model.fingerprint, "num_layers": model.num_layers,
+            "servers": [{
+                "server_id": s.server_id, "url": s.url, "start": s.start, "end": s.end, "state": s.state.value,
+                "throughput": s.throughput, "decode_tokens_per_s": s.decode_tokens_per_s,
+                "cache_tokens_left": s.cache_tokens_left, "sessions": s.sessions,
+                "gateway_sessions": self.load.get(s.server_id, 0), "dtype": s.dtype, "quant": s.quant,
+                "rtt_ms": round(self.rtts.seconds[s.server_id] * 1000, 2) if s.server_id in self.rtts.seconds
+                else None,
+                "banned": s.server_id in banned, "version": s.version,
+            } for s in records],
+            "coverage": counts, "layer_throughput": throughput,
+            "missing_layers": [i for i, c in enumerate(counts) if c == 0],
+            "failover": asdict(self.failovers),
+        }
