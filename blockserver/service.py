@@ -146,7 +146,9 @@ class Blockserver:
 
         loaded = await self.compute.run(load_span, self.facts.directory, span.start, span.end, self.settings.device,
                                         self.settings.dtype, progress)
-        self.runtime = Runtime(loaded, self.settings.cache_tokens, self.compute, self.settings.prefill_chunk_tokens)
+        s = self.settings
+        self.runtime = Runtime(loaded, s.cache_tokens, self.compute, s.prefill_chunk_tokens, s.cache_page_tokens,
+                               s.alloc_timeout_s)
         self.state = ServerState.online
         await self.heartbeat_now()
         log.info("blockserver %s serving %s layers %s at %s", self.server_id, self.model_name, span, self.url)

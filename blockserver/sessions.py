@@ -112,8 +112,8 @@ class SessionHandler:
             raise BadRequest(f"max_length must be at most the model's context, {layers.context_length}")
         if header.dtype != layers.dtype_name:
             raise BadRequest(f"this server computes in {layers.dtype_name}")
-        return await runtime.open(header.session_id, header.batch_size, header.max_length,
-                                  self.settings.alloc_timeout_s, start, end)
+        return await runtime.open(header.session_id, header.batch_size, header.max_length, start, end,
+                                  header.reserve_length)
 
     @staticmethod
     def _layers(runtime: Runtime, span: list[int]) -> tuple[int, int]:

@@ -42,10 +42,13 @@ class BlockserverSettings(BaseSettings):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 …")
     cache_tokens: int = Field(16384, ge=1, description="KV-cache budget in tokens (batch x length summed over "
                                                        "open sessions)")
+    cache_page_tokens: int = Field(128, ge=1, description="sessions take cache room in pages of this many tokens "
+                                                          "as they grow (not their whole max_length at once)")
     heartbeat_interval_s: float = Field(2.0, gt=0, le=60, description="seconds between heartbeats; a record expires "
                                                                "after 3")
     idle_timeout_s: float = Field(300.0, gt=0, description="free a session after this long without a message")
-    alloc_timeout_s: float = Field(5.0, ge=0, description="how long `open` waits for cache room")
+    alloc_timeout_s: float = Field(5.0, ge=0, description="how long an open or a growing session waits for cache "
+                                                          "room before it is refused with cache_full")
     prefill_chunk_tokens: int = Field(512, ge=1, json_schema_extra={"flag": "prefill-chunk", "metavar": "TOKENS"},
                                       description="run longer steps (prompts, failover replays) in chunks of this "
                                                   "many tokens")

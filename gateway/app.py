@@ -10,6 +10,7 @@ import httpx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from gateway.admission import Admission
 from gateway.channel import Connect, websocket_connect
 from gateway.errors import install_handlers
 from gateway.model import GatewayModel
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: Connect = websocket_connect) -> FastAPI:
     """`swarm` and `connect` are seams for tests (an aged registry, in-process blockservers)."""
-    state = GatewayState(settings, swarm or Swarm(settings.ban_s), connect)
+    state = GatewayState(settings, swarm or Swarm(settings.ban_s),
+                         Admission(settings.max_queue, settings.queue_timeout_s), connect)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -57,16 +59,18 @@ def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: C
 
     @app.get("/health")
     async def health(state: StateDep):
-        """200 when every layer of the model is covered by an online server, else 503."""
+        """200 when every layer of the model is covered by an online server that is not banned;
+        503 ("degraded") when some layer has none."""
         if state.model is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         swarm = state.swarm
-        counts = swarm.coverage()
+        counts = swarm.coverage(routable_only=True)
         missing = [i for i, c in enumerate(counts) if c == 0]
         body = {"status": "ok" if not missing else "degraded", "model": state.model.name,
                 "fingerprint": state.model.facts.fingerprint, "num_layers": state.model.num_layers,
                 "servers": len(swarm.online()), "coverage": counts, "missing_layers": missing,
-                "banned": sorted(swarm.bans.active()), "failover": asdict(swarm.failovers)}
+                "banned": sorted(swarm.bans.active()), "queued": state.admission.waiting,
+                "failover": asdict(swarm.failovers)}
         return JSONResponse(body, status_code=200 if not missing else 503)
 
     return app

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import BadRequest, CorollaError, ModelNotFound, Unavailable
+from shared.errors import BadRequest, CorollaError, ModelNotFound, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ def from_corolla(exc: CorollaError, retry_after_s: int) -> APIError:
         return APIError(400, exc.message, code=exc.code)
     if isinstance(exc, ModelNotFound):
         return APIError(404, exc.message, code="model_not_found")
+    if isinstance(exc, Overloaded):
+        return APIError(429, f"The engine is currently overloaded, please try again later ({exc.message}).",
+                        "server_error", code="overloaded", headers={"Retry-After": str(retry_after_s)})
     if isinstance(exc, Unavailable):
         return APIError(503, f"The model is unavailable: {exc.message}", "server_error", code="service_unavailable",
                         headers={"Retry-After": str(retry_after_s)})

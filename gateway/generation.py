@@ -10,12 +10,14 @@ from typing import Literal
 
 import torch
 
-from gateway.chain import ChainConfig, ChainSession
+from gateway.admission import Admission
+from gateway.chain import ChainConfig, ChainSession, NeedsRecompute
 from gateway.channel import Connect
 from gateway.model import GatewayModel
 from gateway.requests import GenerationRequest
 from gateway.stops import releasable
 from gateway.swarm import Swarm
+from shared.errors import CacheFull
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +57,62 @@ class _Choice:
     reason: FinishReason | None = None
 
 
-async def generate(request: GenerationRequest, model: GatewayModel, swarm: Swarm, config: ChainConfig,
-                   connect: Connect) -> AsyncIterator[Event]:
-    rows = [prompt for prompt in request.prompts for _ in range(request.n)]
-    choices = [_Choice(i) for i in range(len(rows))]
-    usage = Usage(sum(len(p) for p in request.prompts), 0)
-    if request.max_tokens == 0:
-        for c in choices:
-            yield Finished(c.index, "length")
-        yield usage
-        return
-    ids, mask = _left_pad(rows, model.pad_id)
-    generator = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
-    counts = torch.zeros(len(rows), model.vocab_size)
-    max_length = ids.shape[1] + request.max_tokens
-    hops = swarm.route(cache_tokens=len(rows) * max_length)
-    async with ChainSession(hops, swarm, config, len(rows), max_length, connect) as session:
-        log.info("session %s: %d rows, chain %s", session.session_id, len(rows), session.describe())
-        hidden = await session.step(await model.embed(ids), mask if bool((mask == 0).any()) else None)
+class Generation:
+    """One request's generation. `start()` admits it (it may queue while the swarm has no room;
+    Overloaded when the queue is full or the wait runs out) and opens its chain; `events()` runs
+    it. When a running generation finds no room on any server (or a failed hop's history was
+    dropped), it gives its sessions back, waits at the front of the queue, and recomputes its
+    whole sequence on a fresh chain, then goes on where it was (vLLM's preemption by
+    recomputation): the answer is the same."""
+
+    def __init__(self, request: GenerationRequest, model: GatewayModel, swarm: Swarm, config: ChainConfig,
+                 connect: Connect, admission: Admission):
+        self.request, self.model, self.swarm, self.config = request, model, swarm, config
+        self.connect, self.admission = connect, admission
+        self.rows = [prompt for prompt in request.prompts for _ in range(request.n)]
+        self.ids, self.mask = _left_pad(self.rows, model.pad_id)
+        self.max_length = self.ids.shape[1] + request.max_tokens
+        self.session: ChainSession | None = None
+
+    async def start(self) -> None:
+        if self.request.max_tokens > 0:
+            self.session = await self.admission.admit(lambda: self._open(self.ids.shape[1]))
+
+    async def _open(self, tokens: int) -> ChainSession:
+        """A chain with room for `tokens` per row now (and more, in pages, as it grows)."""
+        reserve = min(tokens + 1, self.max_length)
+        hops = self.swarm.route(cache_tokens=len(self.rows) * reserve)
+        session = ChainSession(hops, self.swarm, self.config, len(self.rows), self.max_length, self.connect,
+                               reserve_length=reserve, on_closed=self.admission.changed)
+        await session.__aenter__()
+        log.info("session %s: %d rows, chain %s", session.session_id, len(self.rows), session.describe())
+        return session
+
+    async def close(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            await session.close()
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            async for event in self._run():
+                yield event
+        finally:
+            await self.close()
+
+    async def _run(self) -> AsyncIterator[Event]:
+        request, model = self.request, self.model
+        choices = [_Choice(i) for i in range(len(self.rows))]
+        usage = Usage(sum(len(p) for p in request.prompts), 0)
+        if request.max_tokens == 0:
+            for c in choices:
+                yield Finished(c.index, "length")
+            yield usage
+            return
+        generator = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
+        counts = torch.zeros(len(self.rows), model.vocab_size)
+        sequence, mask = self.ids, self.mask  # every token fed so far, for a recompute
+        hidden = await self._step(sequence, mask, sequence, mask)
         while True:
             tokens = (await model.next_tokens(hidden[:, -1:], counts, request.params, generator)).tolist()
             for choice, token in zip(choices, tokens):
@@ -83,9 +123,28 @@ async def generate(request: GenerationRequest, model: GatewayModel, swarm: Swarm
             if all(c.reason is not None for c in choices):
                 break
             next_ids = torch.tensor(tokens, dtype=torch.long)[:, None]
-            hidden = await session.step(await model.embed(next_ids))
-    usage.completion_tokens = sum(len(c.tokens) for c in choices)
-    yield usage
+            sequence = torch.cat([sequence, next_ids], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
+            hidden = await self._step(next_ids, None, sequence, mask)
+        usage.completion_tokens = sum(len(c.tokens) for c in choices)
+        yield usage
+
+    async def _step(self, ids: torch.Tensor, mask: torch.Tensor | None, sequence: torch.Tensor,
+                    sequence_mask: torch.Tensor) -> torch.Tensor:
+        """Run `ids` [batch, tokens] (the last ones of `sequence`) through the chain."""
+        padded = sequence_mask if bool((sequence_mask == 0).any()) else None
+        if mask is not None and not bool((mask == 0).any()):
+            mask = None
+        while True:
+            try:
+                return await self.session.step(await self.model.embed(ids), mask)
+            except (CacheFull, NeedsRecompute) as exc:
+                self.swarm.failovers.preemptions += 1
+                log.info("session %s: %s; waiting to recompute %d positions", self.session.session_id, exc,
+                         sequence.shape[1])
+                await self.close()
+                self.session = await self.admission.admit(lambda: self._open(sequence.shape[1]), front=True)
+                ids, mask = sequence, padded  # the whole sequence, recomputed on the new chain
 
 
 def _advance(choice: _Choice, token: int, request: GenerationRequest, model: GatewayModel, counts):

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
-from fastapi import APIRouter, Depends
-from sse_starlette.sse import EventSourceResponse
+from fastapi import APIRouter, Depends, Request, Response
+from sse_starlette.sse import EventSourceResponse, SendTimeoutError
 
 from gateway.errors import APIError, from_corolla
-from gateway.generation import Event, generate
-from gateway.requests import GenerationRequest, chat_request, completion_request
+from gateway.generation import Generation
+from gateway.requests import GenerationRequest, chat_request, completion_request, fit_to_swarm
 from gateway.responses import OpenAIShaper
 from gateway.schemas import ChatRequest, CompletionRequest
 from gateway.state import GatewayState, ModelDep, StateDep, check_api_key
@@ -48,31 +50,70 @@ async def retrieve_model(model_id: str, state: StateDep, _: ModelDep):
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, state: StateDep, model: ModelDep):
+async def completions(body: CompletionRequest, request: Request, state: StateDep, model: ModelDep):
     """Text completions (legacy API), streamed as server-sent events when `stream` is true."""
     check_model(body.model, state)
-    return await respond(completion_request(body, model, state.settings.max_batch_rows), body, state, chat=False)
+    generation = completion_request(body, model, state.settings.max_batch_rows)
+    return await respond(generation, body, request, state, chat=False)
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatRequest, state: StateDep, model: ModelDep):
+async def chat_completions(body: ChatRequest, request: Request, state: StateDep, model: ModelDep):
     """Chat completions: messages rendered with the model's chat template."""
     check_model(body.model, state)
-    return await respond(chat_request(body, model, state.settings.max_batch_rows), body, state, chat=True)
+    generation = chat_request(body, model, state.settings.max_batch_rows)
+    return await respond(generation, body, request, state, chat=True)
 
 
 # the design card's name for the same route
 router.add_api_route("/chat", chat_completions, methods=["POST"], summary="Alias of /v1/chat/completions")
 
 
-async def respond(request: GenerationRequest, body: CompletionRequest | ChatRequest, state: GatewayState, chat: bool):
-    """Run the generation and answer in the route's shape: chunks of an event stream, or whole."""
+async def respond(wanted: GenerationRequest, body: CompletionRequest | ChatRequest, request: Request,
+                  state: GatewayState, chat: bool):
+    """Admit the generation (it may wait in the queue; 429 or 503 are answered before anything is
+    streamed), run it, and answer in the route's shape: chunks of an event stream, or whole. A
+    client that goes away ends its generation within a step and frees every hop."""
     ensure_chain(state)
-    shaper = OpenAIShaper("chatcmpl" if chat else "cmpl", state.model.name, request.rows, body)
-    stream = events(request, state)
-    if body.stream:
-        return sse(shaper.chat_chunks(stream) if chat else shaper.completion_chunks(stream), state)
-    return await (shaper.chat(stream) if chat else shaper.completion(stream))
+    fit_to_swarm(wanted, state.swarm.largest_session(), "messages" if chat else "prompt")
+    generation = Generation(wanted, state.model, state.swarm, state.chain_config, state.connect, state.admission)
+    shaper = OpenAIShaper("chatcmpl" if chat else "cmpl", state.model.name, wanted.rows, body)
+    try:
+        await until_disconnected(request, generation.start())
+        if body.stream:
+            events = generation.events()
+            return sse(shaper.chat_chunks(events) if chat else shaper.completion_chunks(events), state)
+        events = generation.events()
+        return await until_disconnected(request, shaper.chat(events) if chat else shaper.completion(events))
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; nginx's code for "client closed the request"
+    except BaseException:
+        await generation.close()
+        raise
+
+
+class ClientGone(Exception):
+    pass
+
+
+T = TypeVar("T")
+
+
+async def until_disconnected(request: Request, work: Awaitable[T], poll_s: float = 0.25) -> T:
+    """Await `work`, cancelling it (and raising ClientGone) if the HTTP client disconnects."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                log.info("client went away; ending its generation")
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def ensure_chain(state: GatewayState) -> None:
@@ -81,10 +122,6 @@ def ensure_chain(state: GatewayState) -> None:
         state.swarm.route()
     except CorollaError as exc:
         raise from_corolla(exc, state.settings.retry_after_s) from exc
-
-
-def events(request: GenerationRequest, state: GatewayState) -> AsyncIterator[Event]:
-    return generate(request, state.model, state.swarm, state.chain_config, state.connect)
 
 
 def sse(chunks: AsyncIterator[dict], state: GatewayState) -> EventSourceResponse:
@@ -101,4 +138,16 @@ def sse(chunks: AsyncIterator[dict], state: GatewayState) -> EventSourceResponse
                                                "server_error").body())}
         yield {"data": "[DONE]"}
 
-    return EventSourceResponse(body(), sep="\n", ping=15)
+    # A client that stops reading for send_timeout is dropped: its generation ends and frees its hops.
+    return EventStream(body(), sep="\n", ping=15, send_timeout=state.settings.stream_send_timeout_s)
+
+
+class EventStream(EventSourceResponse):
+    """Server-sent events whose slow readers are dropped quietly (their generation is cancelled and
+    cleans up after itself): an expected outcome, not an unhandled error."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.info("a streaming client read nothing for %.0fs; dropped", self.send_timeout)

@@ -21,6 +21,7 @@ class GenerationRequest:
     max_tokens: int
     stops: list[str]
     params: SamplingParams
+    max_tokens_given: bool = True  # False: a chat's default, "until the context ends" (fit_to_swarm may lower it)
 
     @property
     def rows(self) -> int:
@@ -60,9 +61,28 @@ def chat_request(body: ChatRequest, model: GatewayModel, max_rows: int) -> Gener
         raise APIError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = limit if limit is not None else max(0, model.context_length - len(ids))
-    request = GenerationRequest([ids], body.n, max_tokens, body.stop or [], sampling(body, model.vocab_size))
+    request = GenerationRequest([ids], body.n, max_tokens, body.stop or [], sampling(body, model.vocab_size),
+                                max_tokens_given=limit is not None)
     check_size(request, model.context_length, max_rows, "messages")
     return request
+
+
+def fit_to_swarm(request: GenerationRequest, largest_session: int, param: str) -> None:
+    """Refuse (400) a request that no route could ever hold: its rows x (prompt + max_tokens)
+    cache tokens exceed, on some layer, every server's whole budget. A chat that gave no limit
+    generates until its context ends or that budget would be exceeded, whichever comes first."""
+    longest = max(len(p) for p in request.prompts)
+    if not request.max_tokens_given:
+        request.max_tokens = min(request.max_tokens, largest_session // request.rows - longest)
+        if request.max_tokens >= 1:
+            return
+    need = request.rows * (longest + max(request.max_tokens, 1))
+    if need > largest_session:
+        raise APIError(400, f"This request needs {need} KV-cache tokens on every server of its chain ({request.rows} "
+                            f"completions x {longest + max(request.max_tokens, 1)} tokens), but the largest budget "
+                            f"the swarm offers for some of the model's layers is {largest_session} tokens. Reduce n, "
+                            f"the number of prompts, max_tokens or the prompt.", param=param,
+                       code="context_length_exceeded")
 
 
 def prompt_ids(prompt: str | list, model: GatewayModel) -> list[list[int]]:

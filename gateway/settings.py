@@ -29,6 +29,16 @@ class GatewaySettings(BaseSettings):
                                              "request instead, for comparisons)")
     ban_s: float = Field(15.0, gt=0, json_schema_extra={"flag": "ban", "metavar": "SECONDS"},
                          description="keep a failed blockserver out of routing this long, doubling on repeats")
+    max_queue: int = Field(128, ge=0, description="requests that may wait for room on the swarm; more are refused "
+                                                  "with 429 and Retry-After")
+    queue_timeout_s: float = Field(60.0, ge=0, description="how long a request may wait for room before 429")
+    stream_send_timeout_s: float = Field(60.0, gt=0, description="a streaming client that reads nothing for this "
+                                                                 "long is dropped and its generation ended")
+    step_chunk_tokens: int = Field(512, ge=1, description="long steps (prompts, failover replays) go to the "
+                                                          "blockservers in frames of at most this many token-rows, "
+                                                          "each under its own step timeout")
+    max_history_mib: float = Field(512.0, ge=0, description="input history a session keeps for failover; beyond "
+                                                            "it a failed hop is repaired by recomputing the sequence")
     max_batch_rows: int = Field(64, ge=1, description="prompts x n in one request")
     max_frame_bytes: int = Field(64 * 2**20, ge=1024, description="largest WebSocket frame to send or accept")
     swarm_secret: str | None = Field(None, description="require this join secret of blockservers' heartbeats")

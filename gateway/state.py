@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from gateway.admission import Admission
 from gateway.chain import ChainConfig
 from gateway.channel import Connect, websocket_connect
 from gateway.errors import APIError
@@ -21,6 +22,7 @@ from gateway.swarm import Swarm
 class GatewayState:
     settings: GatewaySettings
     swarm: Swarm
+    admission: Admission
     connect: Connect = websocket_connect  # the chain's seam (tests connect in-process servers)
     model: GatewayModel | None = None  # None while loading
     started_at: int = field(default_factory=lambda: int(time.time()))

@@ -28,6 +28,8 @@ class FailoverStats:
     failures: int = 0  # hops that failed mid-session
     recoveries: int = 0  # failures repaired by a replacement
     given_up: int = 0  # failures with no replacement before the deadline
+    moves: int = 0  # hops moved without a fault (a full cache, a refusal, an expired session)
+    preemptions: int = 0  # generations that ran out of room, waited and were recomputed
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,30 @@ class Swarm:
         return [s for s in self.records() if s.state == ServerState.online]
 
     # ---- routing
-    def route(self, start: int = 0, end: int | None = None, cache_tokens: int = 0) -> list[Hop]:
+    def route(self, start: int = 0, end: int | None = None, cache_tokens: int = 0,
+              exclude: set[str] = frozenset()) -> list[Hop]:
+        """The cheapest chain over [start, end) among online servers that are not banned nor in `exclude`."""
         assert self.model is not None, "route() before the model is loaded"
-        return route_chain(self.online(), self.model.num_layers, self.bans.active(), rtts=self.rtts.seconds,
+        return route_chain(self.online(), self.model.num_layers, self.bans.active() | exclude, rtts=self.rtts.seconds,
                            load=self.load, costs=self.costs, rng=self._rng, start=start, end=end,
                            cache_tokens=cache_tokens)
+
+    def routable(self) -> list[ServerInfo]:
+        banned = self.bans.active()
+        return [s for s in self.online() if s.server_id not in banned]
+
+    def largest_session(self) -> int:
+        """The most cache tokens one session can hold on every server of some route: per layer the
+        largest budget among routable servers covering it, then the smallest over layers
+        (0 when a layer has no routable server; servers that announce no budget count as unbounded)."""
+        if self.model is None:
+            return 0
+        best = [0] * self.model.num_layers
+        for s in self.routable():
+            budget = s.cache_tokens or 2**62
+            for layer in range(s.start, min(s.end, self.model.num_layers)):
+                best[layer] = max(best[layer], budget)
+        return min(best, default=0)
 
     def lease(self, server_id: str) -> Lease:
         return Lease(self.load, server_id)
@@ -120,8 +141,11 @@ class Swarm:
             self.rtts.keep_only({s.server_id for s in servers})
 
     # ---- views
-    def coverage(self) -> list[int]:
-        return coverage(self.online(), self.model.num_layers) if self.model else []
+    def coverage(self, routable_only: bool = False) -> list[int]:
+        """Servers per layer: online ones, or only those not banned."""
+        if self.model is None:
+            return []
+        return coverage(self.routable() if routable_only else self.online(), self.model.num_layers)
 
     def snapshot(self) -> dict:
         """The swarm as /v1/swarm shows it."""

@@ -39,6 +39,7 @@ async def heartbeat(info: ServerInfo, request: Request, state: StateDep):
         new = state.swarm.heartbeat(info)
     except ModelMismatch as exc:
         raise APIError(409, exc.message, code=exc.code) from None
+    state.admission.changed()  # a server's free cache may have grown
     if new:  # measure a new server at once, so that routing does not guess for a ping period
         task = asyncio.create_task(_first_ping(state, info))
         _first_pings.add(task)

@@ -9,7 +9,7 @@ Every message type is a frozen pydantic model below; `decode` validates the head
 tensor descriptor before any tensor is built. The receiver then checks shapes against its session.
 
 Messages of an inference session (DESIGN.md section 4), one WebSocket per session per server:
-    Open   {session_id, model, span, max_length, batch_size, dtype}    -> Ready | Error
+    Open   {session_id, model, span, max_length, batch_size, dtype, reserve_length?} -> Ready | Error
     Step   {step_id, position}  hidden[B,T,H] mask?[B,T] hypo_ids?[B] -> Result{step_id, position} hidden | Error
     Close  {}
 Stateless, on any socket:
@@ -61,6 +61,8 @@ class Open(Header):
     max_length: Annotated[StrictInt, Field(ge=1)]  # tokens the session may reach
     batch_size: Annotated[StrictInt, Field(ge=1, le=MAX_BATCH)] = 1
     dtype: ComputeDtype
+    reserve_length: Annotated[StrictInt, Field(ge=1)] | None = None  # room to reserve now (default max_length);
+    # the server takes more, in pages, as the session grows
 
 
 class Ready(Header):

@@ -147,8 +147,8 @@ class LoadedSpan:
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
 
-    def new_cache(self, batch_size: int, max_length: int) -> SpanCache:
-        return SpanCache(batch_size, max_length, self.device)
+    def new_cache(self, batch_size: int, max_length: int, capacity: int | None = None) -> SpanCache:
+        return SpanCache(batch_size, max_length, self.device, capacity)
 
     @torch.inference_mode()
     def step(self, hidden: torch.Tensor, cache: SpanCache, new_mask: torch.Tensor | None = None,

@@ -16,7 +16,7 @@ def lonely(tiny_dir, tmp_path):
     s = Swarm(str(tiny_dir("llama")), [], tmp_path, gateway_args=["--api-key", "sekret"], model_name="llama")
     try:
         s.gateway = s._spawn("gateway", ["gateway", "--model", s.model, "--model-name", "llama", "--port", str(s.port),
-                                         "--api-key", "sekret", "--step-timeout", "5"])
+                                         "--api-key", "sekret", "--step-timeout", "5", "--failover-timeout", "2"])
         s.add_blockserver("0:2")
         s.add_blockserver("2:4")
         yield s

@@ -1,11 +1,14 @@
 """`corolla up` serving the real SmolLM2-135M-Instruct in 3 spans, used through the official
-OpenAI SDK, then stopped with Ctrl-C (SIGINT)."""
+OpenAI SDK, by many users at once (with some that leave early), then stopped with Ctrl-C."""
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -60,6 +63,88 @@ def check_sdk(client):
     assert "".join(pieces) == answer.choices[0].message.content
     completion = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0)
     assert "Paris" in completion.choices[0].text
+
+
+COUNTRIES = ["France", "Germany", "Italy", "Spain", "Japan", "Canada", "Egypt", "Peru",
+             "Kenya", "Norway", "Chile", "India", "Greece", "Cuba", "Poland", "Mexico"]
+
+
+def blockservers(url: str) -> list[dict]:
+    return [httpx.get(f"{s['url']}/health", timeout=5).json() for s in httpx.get(f"{url}/v1/swarm").json()["servers"]]
+
+
+def wait_all_free(url: str, within_s: float) -> float:
+    """Seconds until every blockserver holds no session and its whole budget is free, and the
+    gateway counts no session of its own; fails after `within_s`."""
+    started = time.monotonic()
+    while True:
+        servers = blockservers(url)
+        swarm = httpx.get(f"{url}/v1/swarm").json()
+        if all(s["sessions"] == 0 and s["cache_tokens_left"] == s["cache_tokens"] for s in servers) and \
+                all(s["gateway_sessions"] == 0 for s in swarm["servers"]):
+            return time.monotonic() - started
+        assert time.monotonic() - started < within_s, (servers, swarm)
+        time.sleep(0.05)
+
+
+def test_sixteen_default_chats_at_once(up):
+    """No max_tokens: each chat may run to the end of its context (8192 tokens), yet 16 of them
+    run side by side, because servers reserve cache pages as sessions grow."""
+    url, _, _ = up
+
+    def chat(country: str) -> dict:
+        body = {"model": MODEL, "temperature": 0,
+                "messages": [{"role": "user", "content": f"What is the capital of {country}?"}]}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    alone = chat(COUNTRIES[0])
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(chat, COUNTRIES))
+    assert all(c["finish_reason"] == "stop" for c in together)
+    assert together[0]["message"]["content"] == alone["message"]["content"]  # greedy: the same answer
+    health = httpx.get(f"{url}/health").json()
+    assert health["banned"] == [] and health["failover"]["failures"] == 0
+    wait_all_free(url, 5)
+
+
+def test_a_request_over_every_budget_is_refused_at_once(up):
+    url, _, _ = up
+    opened = sum(s["sessions_opened"] for s in blockservers(url))
+    started = time.monotonic()
+    r = httpx.post(f"{url}/v1/completions", timeout=30,
+                   json={"model": MODEL, "prompt": "hi", "n": 3, "max_tokens": 8000})  # 3 x 8001 > 16384
+    assert r.status_code == 400 and time.monotonic() - started < 1
+    assert "largest budget" in r.json()["error"]["message"]
+    assert sum(s["sessions_opened"] for s in blockservers(url)) == opened  # nothing was reserved
+    assert httpx.get(f"{url}/health").json()["banned"] == []
+
+
+def test_a_client_that_leaves_frees_every_hop_within_two_seconds(up):
+    url, _, _ = up
+    body = {"model": MODEL, "temperature": 0, "max_tokens": 400, "logit_bias": {"2": -100},
+            "messages": [{"role": "user", "content": "Tell me a long story."}]}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body | {"stream": True}, timeout=60) as r:
+        events = 0
+        for line in r.iter_lines():
+            events += line.startswith("data: ")
+            if events == 3:
+                assert sum(s["sessions"] for s in blockservers(url)) == 3  # one session per hop
+                break
+    # closing the response closed the connection mid-stream
+    assert wait_all_free(url, 2.0) < 2.0
+    # the same for a client that gives up on a non-streaming request (a socket closed mid-wait)
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as raw:
+        payload = json.dumps(body).encode()
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        deadline = time.monotonic() + 10
+        while sum(s["sessions"] for s in blockservers(url)) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    assert wait_all_free(url, 2.0) < 2.0
+    assert httpx.get(f"{url}/health").json()["banned"] == []
 
 
 def test_ctrl_c_stops_every_process(up):

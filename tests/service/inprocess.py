@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import torch
 
 from blockserver.app import create_app as create_blockserver
 from blockserver.settings import BlockserverSettings
@@ -67,7 +68,9 @@ class AsgiChannel:
 @dataclass
 class Fault:
     """Make server `server_id` fail at its `at_step`-th step frame (0-based, counted over all of its
-    sessions): 'drop' closes the socket, 'hang' never answers, 'garbage' answers a frame of junk."""
+    sessions): 'drop' closes the socket, 'hang' never answers, 'garbage' answers a frame of junk,
+    'nan' answers non-finite hidden states, 'refuse' and 'full' answer bad_request / cache_full
+    error frames."""
 
     server_id: str
     at_step: int
@@ -88,14 +91,20 @@ class FaultyChannel:
         if self._pending_fault == "drop":
             self.inner.abort()
             raise SessionLost("dropped on purpose")
-        if self._pending_fault is None:
+        if self._pending_fault in (None, "nan"):
             await self.inner.send(frame)
 
     async def recv(self) -> bytes:
-        if self._pending_fault == "hang":
+        fault, self._pending_fault = self._pending_fault, None
+        if fault == "hang":
             await asyncio.Event().wait()
-        if self._pending_fault == "garbage":
+        if fault == "garbage":
             return b"\x00\x00\x00\x02zz"
+        if fault in ("refuse", "full"):
+            return protocol.error_frame("bad_request" if fault == "refuse" else "cache_full", f"{fault} on purpose")
+        if fault == "nan":
+            reply = protocol.decode(await self.inner.recv(), 1 << 30)
+            return protocol.encode(reply.header, {"hidden": torch.full_like(reply.tensors["hidden"], float("nan"))})
         return await self.inner.recv()
 
     async def close(self) -> None:

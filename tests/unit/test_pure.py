@@ -6,7 +6,6 @@ import msgpack
 import pytest
 import torch
 
-from gateway.bans import Bans
 from gateway.registry import Registry, coverage
 from gateway.routing import route_chain
 from gateway.sampling import SamplingParams, choose_tokens
@@ -161,12 +160,3 @@ def test_error_codes_map_back_to_the_exception_tree():
     assert CorollaError.for_code(7) is Unavailable
 
 
-def test_bans_double_on_repeat_and_expire():
-    now = [0.0]
-    bans = Bans(base_s=15, clock=lambda: now[0])
-    assert bans.ban("a") == 15 and bans.active() == {"a"}
-    now[0] = 15.1
-    assert bans.active() == set()
-    assert bans.ban("a") == 30
-    now[0] = 45.0
-    assert bans.active() == {"a"}

@@ -24,7 +24,7 @@ def test_chunked_prefill_equals_one_step(tiny_dir):
 
     async def prefill(chunk):
         runtime = Runtime(span, 10_000, compute, prefill_chunk_tokens=chunk)
-        session = await runtime.open("s", 2, 64, 1.0, 0, 6)
+        session = await runtime.open("s", 2, 64, 0, 6)
         out = await runtime.step(session, 0, hidden, mask, None)
         after = await runtime.step(session, 37, hidden[:, :1], None, None)
         return out, after
@@ -42,18 +42,20 @@ def test_cache_budget_is_reserved_and_released(tiny_dir):
     compute = ComputeThread("test")
 
     async def scenario():
-        runtime = Runtime(span, 1000, compute)
-        await runtime.open("a", 2, 300, 0.1, 0, 2)
+        runtime = Runtime(span, 1000, compute, page_tokens=100, alloc_timeout_s=0.1)
+        await runtime.open("a", 2, 300, 0, 2)  # no reserve_length: the whole max_length
         assert runtime.cache_tokens_left == 400
         with pytest.raises(CacheFull):
-            await runtime.open("b", 1, 500, 0.1, 0, 2)  # waits 0.1 s for room, then refuses
-        waiter = asyncio.create_task(runtime.open("c", 1, 500, 5.0, 0, 2))
+            await runtime.open("b", 1, 500, 0, 2)  # waits 0.1 s for room, then refuses
+        runtime.alloc_timeout_s = 5.0
+        waiter = asyncio.create_task(runtime.open("c", 1, 500, 0, 2))
         await asyncio.sleep(0.05)
         await runtime.close("a")  # frees room: the waiting open goes through
         await waiter
         assert runtime.cache_tokens_left == 500
+        runtime.alloc_timeout_s = 0.1
         with pytest.raises(CacheFull, match="whole budget"):
-            await runtime.open("d", 1, 2000, 0.1, 0, 2)
+            await runtime.open("d", 1, 2000, 0, 2)
 
     run(scenario())
     compute.shutdown()
@@ -65,7 +67,7 @@ def test_concurrent_opens_of_one_id_and_cancelled_closes_leak_nothing(tiny_dir):
 
     async def scenario():
         runtime = Runtime(span, 16384, compute)
-        opens = await asyncio.gather(*(runtime.open("same", 1, 2048, 1.0, 0, 2) for _ in range(8)),
+        opens = await asyncio.gather(*(runtime.open("same", 1, 2048, 0, 2) for _ in range(8)),
                                      return_exceptions=True)
         assert sum(not isinstance(o, BaseException) for o in opens) == 1  # one ready, seven refused
         assert runtime.cache_tokens_left == 16384 - 2048
@@ -75,8 +77,8 @@ def test_concurrent_opens_of_one_id_and_cancelled_closes_leak_nothing(tiny_dir):
         await asyncio.gather(closing, return_exceptions=True)
         assert runtime.cache_tokens_left == 16384 and runtime.open_sessions() == []
         # an open cancelled while it waits for room takes nothing either
-        await runtime.open("big", 1, 16000, 1.0, 0, 2)
-        waiting = asyncio.create_task(runtime.open("late", 1, 1000, 5.0, 0, 2))
+        await runtime.open("big", 1, 16000, 0, 2)
+        waiting = asyncio.create_task(runtime.open("late", 1, 1000, 0, 2))
         await asyncio.sleep(0.05)
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
@@ -84,6 +86,45 @@ def test_concurrent_opens_of_one_id_and_cancelled_closes_leak_nothing(tiny_dir):
         assert runtime.cache_tokens_left == 16384 and "late" not in runtime.sessions
 
     run(scenario())
+    compute.shutdown()
+
+
+def test_sessions_reserve_pages_as_they_grow(tiny_dir):
+    """A session holds room for what it has used (whole pages, growing by a quarter at least), the
+    results equal a cache sized for the whole length up front, and a step that finds no room is
+    refused without changing the session."""
+    span = load_span(tiny_dir("llama"), 0, 2, dtype="float32")
+    compute = ComputeThread("test")
+    torch.manual_seed(0)
+    prompt, steps = torch.randn(2, 10, span.hidden_size), [torch.randn(2, 1, span.hidden_size) for _ in range(40)]
+
+    async def scenario():
+        runtime = Runtime(span, 200, compute, page_tokens=16, alloc_timeout_s=0.05)
+        session = await runtime.open("s", 2, 256, 0, 2, reserve_length=10)
+        assert session.reserved == 16 and runtime.cache_tokens_left == 200 - 32
+        outs = [await runtime.step(session, 0, prompt, None, None)]
+        position = 10
+        for x in steps[:30]:
+            outs.append(await runtime.step(session, position, x, None, None))
+            position += 1
+        assert session.reserved == 48 and runtime.cache_tokens_left == 200 - 96  # 16 -> 32 -> 48
+        hog = await runtime.open("hog", 1, 256, 0, 2, reserve_length=90)  # 96 tokens: 8 left
+        with pytest.raises(CacheFull):
+            await runtime.step(session, position, torch.randn(2, 20, span.hidden_size), None, None)
+        assert session.cache.length == position and session.reserved == 48  # unchanged
+        await runtime.close(hog.session_id)
+        for x in steps[30:]:
+            outs.append(await runtime.step(session, position, x, None, None))
+            position += 1
+        await runtime.close("s")
+        assert runtime.cache_tokens_left == 200
+        return outs
+
+    outs = run(scenario())
+    cache = span.new_cache(2, 256)  # the whole length up front
+    expected = [span.step(prompt, cache)] + [span.step(x, cache) for x in steps]
+    for got, want in zip(outs, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     compute.shutdown()
 
 
