@@ -11,32 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import torch
+from common import corolla_up, model_reference, served_model
 
-YARDSTICK = Path.home() / ".cache" / "corolla" / "bench" / "llama-271m"
 PROMPT = [1, 450, 7483, 310, 3444, 338]  # 6 token ids, the same for every model and run
-
-
-def yardstick() -> Path:
-    if not (YARDSTICK / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, LlamaConfig
-
-        config = LlamaConfig(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
-                             intermediate_size=2816, vocab_size=32000, max_position_embeddings=2048,
-                             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
-        print(f"built the yardstick: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters", flush=True)
-        model.save_pretrained(YARDSTICK)
-    return YARDSTICK
 
 
 def local_steps_per_s(model_dir: Path, dtype: str, tokens: int, threads: int) -> float:
@@ -53,31 +35,16 @@ def local_steps_per_s(model_dir: Path, dtype: str, tokens: int, threads: int) ->
 
 
 def chain_steps_per_s(model: str, servers: int, dtype: str, tokens: int, threads: int) -> float:
-    port = 18000 + servers
-    log = tempfile.NamedTemporaryFile("w+", prefix="corolla-bench-", suffix=".log", delete=False)
-    # output to a file, not a pipe: a pipe nobody reads would block the swarm's processes
-    process = subprocess.Popen([sys.executable, "-m", "corolla", "up", "--model", model, "--servers", str(servers),
-                                "--port", str(port), "--dtype", dtype, "--num-threads", str(threads)],
-                               stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        while "corolla: ready" not in Path(log.name).read_text():
-            if process.poll() is not None:
-                raise RuntimeError(f"corolla up exited; see {log.name}")
-            time.sleep(0.5)
-        url = f"http://127.0.0.1:{port}/v1/completions"
-        name = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+    with corolla_up(model, servers, dtype, 18000 + servers, threads) as url:
         # EOS banned so that every run makes exactly `tokens` steps
-        body = {"model": name, "prompt": PROMPT, "temperature": 0, "logit_bias": {"2": -100, "0": -100}}
-        httpx.post(url, json=body | {"max_tokens": 4}, timeout=600).raise_for_status()  # warm-up
+        body = {"model": served_model(url), "prompt": PROMPT, "temperature": 0, "logit_bias": {"2": -100, "0": -100}}
+        httpx.post(f"{url}/v1/completions", json=body | {"max_tokens": 4}, timeout=600).raise_for_status()  # warm-up
         started = time.perf_counter()
-        r = httpx.post(url, json=body | {"max_tokens": tokens}, timeout=600)
+        r = httpx.post(f"{url}/v1/completions", json=body | {"max_tokens": tokens}, timeout=600)
         elapsed = time.perf_counter() - started
         r.raise_for_status()
         assert r.json()["usage"]["completion_tokens"] == tokens, r.json()["usage"]
         return tokens / elapsed
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(60)  # corolla up stops its children before it exits
 
 
 def main() -> None:
@@ -88,13 +55,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--servers", type=int, nargs="+", default=[1, 2, 3])
     args = parser.parse_args()
-    from shared.models.resolve import resolve_model
-
     print(f"greedy generation of {args.tokens} tokens, {args.dtype}, {args.threads} threads, CPU")
     print(f"{'model':12} {'run':24} {'steps/s':>8} {'ratio':>7} {'ms/step':>8}")
     for model in args.models:
-        model_dir = yardstick() if model == "llama-271m" else resolve_model(model)
-        reference = str(model_dir) if model == "llama-271m" else model
+        model_dir, reference = model_reference(model)
         local = local_steps_per_s(model_dir, args.dtype, args.tokens, args.threads)
         print(f"{model:12} {'transformers (local)':24} {local:8.2f} {1.0:7.2f} {1000 / local:8.1f}", flush=True)
         per_chain = {}

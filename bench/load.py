@@ -7,7 +7,9 @@ alone, whether every blockserver's free cache is back to its start, and the gate
 
     python bench/load.py [--clients 64] [--seconds 120] [--leave 0.2] [--url URL]
 
-Without --url it starts its own swarm (bfloat16, one torch thread per process)."""
+Without --url it starts its own swarm, in `corolla up`'s default dtype (SmolLM2's float32: greedy
+answers then equal lone runs; in bfloat16 a batched product rounds differently from a solo one and
+greedy decoding may flip at near-ties, as in any batching server), one torch thread per process."""
 
 from __future__ import annotations
 
@@ -130,12 +132,14 @@ def main() -> None:
     parser.add_argument("--leave", type=float, default=0.2, help="share of requests whose client leaves early")
     parser.add_argument("--url", default=None, help="an existing gateway (default: start a local swarm)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", help="blockservers' and gateway's dtype (default: the model's)")
     args = parser.parse_args()
     swarm = None
     if args.url is None:
+        dtype = ["--dtype", args.dtype]
         swarm = LocalSwarm("smollm2", Path(tempfile.mkdtemp(prefix="corolla-load-")), model_name=MODEL,
-                           blockserver_args=["--dtype", "bfloat16", "--num-threads", "1"],
-                           gateway_args=["--num-threads", "1"])
+                           blockserver_args=dtype + ["--num-threads", "1"],
+                           gateway_args=(dtype if args.dtype != "auto" else []) + ["--num-threads", "1"])
         swarm.start(["0:10", "10:20", "20:30"], timeout_s=600)
     url = args.url or swarm.url
     try:
@@ -151,7 +155,7 @@ def main() -> None:
         health = httpx.get(f"{url}/health", timeout=10).json()
         counts, lat = result["counts"], sorted(result["latencies"]) or [0.0]
         print(f"{args.clients} clients for {args.seconds:.0f}s ({elapsed:.0f}s with the last requests), "
-              f"{args.leave:.0%} leaving early; SmolLM2 bf16, 3 blockservers, this machine")
+              f"{args.leave:.0%} leaving early; SmolLM2 ({args.dtype}), 3 blockservers, this machine")
         print(f"{'requests completed':32} {counts['ok']}")
         print(f"{'clients that left early':32} {counts['left']}")
         print(f"{'refused with 429 (retried)':32} {counts['429']}")

@@ -49,6 +49,8 @@ def create_app(settings: BlockserverSettings, url: str) -> FastAPI:
         info = service.info()
         if info is None or service.runtime is None:
             return JSONResponse({"status": "loading", "state": service.state.value}, status_code=503)
-        return info.model_dump(mode="json") | {"status": "ok", "sessions_opened": service.runtime.sessions_opened}
+        scheduler = service.runtime.scheduler
+        return info.model_dump(mode="json") | {"status": "ok", "sessions_opened": service.runtime.sessions_opened,
+                                               "ticks": scheduler.ticks, "steps": scheduler.items}
 
     return app

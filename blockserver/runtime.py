@@ -3,6 +3,13 @@
 The event loop validates and moves bytes; every torch operation (cache creation, steps, release)
 runs on the single compute thread, in the order submitted.
 
+Steps go through a scheduler (shared/ticks.py): while the compute thread is busy, steps queue;
+each tick then runs every waiting decode step (one token per row) and chunks of the waiting long
+steps (prompts, replays; `prefill_chunk_tokens` token-rows in all) of sessions over the same
+layers as one batched pass (shared/models/batch.py). A long prompt therefore delays the others'
+next token by one chunk at most, prompts arriving together start together, and N sessions
+decoding together read the weights once per tick instead of N times.
+
 The KV-cache budget is counted in tokens (batch x length per session). A session reserves pages
 as it grows rather than its whole `max_length` at `open`: the first step's worth (`reserve_length`)
 at open, then more room when a step needs it, a quarter of what it holds at a time (at least a
@@ -13,15 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
 from blockserver.budget import CacheBudget
 from shared.compute import ComputeThread
-from shared.errors import BadRequest
+from shared.errors import BadRequest, SessionLost
 from shared.models.base import LoadedSpan
 from shared.models.cache import SpanCache
+from shared.ticks import PENDING, Linger, Ticker
+
+MAX_TICK_ROWS = 256  # decode rows batched in one tick
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +53,32 @@ class Session:
         return self.batch_size * self.reserved
 
 
+@dataclass(eq=False)
+class Work:
+    """One step of one session, waiting for (or part-way through) the compute thread."""
+
+    session: Session
+    position: int
+    hidden: torch.Tensor  # [rows, tokens, hidden]
+    mask: torch.Tensor | None
+    hypo_ids: torch.Tensor | None
+    done: int = 0  # tokens of a long step already run
+    chunk: int = 1  # tokens to run in the tick it was chosen for
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    decode: bool = field(init=False)
+
+    def __post_init__(self):
+        self.decode = self.hidden.shape[1] == 1 and (self.mask is None or bool(self.mask.all()))
+
+    def piece(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The hidden states and padding mask of this tick's chunk."""
+        part = slice(self.done, self.done + self.chunk)
+        return self.hidden[:, part], (None if self.mask is None else self.mask[:, part])
+
+
 class Runtime:
     def __init__(self, layers: LoadedSpan, cache_tokens: int, compute: ComputeThread, prefill_chunk_tokens: int = 512,
-                 page_tokens: int = 128, alloc_timeout_s: float = 5.0):
+                 page_tokens: int = 128, alloc_timeout_s: float = 5.0, linger_s: float = 0.0):
         self.layers = layers  # the server's span of layers, loaded
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.page_tokens = page_tokens
@@ -53,6 +87,11 @@ class Runtime:
         self.sessions: dict[str, Session | None] = {}  # None: being opened
         self.sessions_opened = 0  # since start: shows where routing sent sessions
         self._compute = compute.run
+        self.linger = Linger(linger_s)  # counts decode steps only: prompts never wait for company
+        self.scheduler: Ticker[Work] = Ticker(compute, lambda queue: _choose(queue, self.prefill_chunk_tokens),
+                                              self._run_tick, "steps",
+                                              lambda queue: self.linger([w for w in queue if w.decode]))
+        self.batching = True  # off if the family's attention cannot be batched (logged once)
 
     @property
     def cache_tokens(self) -> int:
@@ -100,8 +139,10 @@ class Runtime:
                 self.budget.give(session.batch_size * (room - session.reserved))
                 raise BadRequest("the session was closed")
             session.reserved = room
-        return await self._compute(_run_step, self.layers, session, position, hidden, mask, hypo_ids,
-                                   self.prefill_chunk_tokens)
+        work = Work(session, position, hidden, mask, hypo_ids)
+        if work.decode:
+            self.linger.arrived(session.session_id, work)
+        return await self.scheduler.submit(work)
 
     async def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return await self._compute(self.layers.forward, hidden, mask)
@@ -113,6 +154,7 @@ class Runtime:
         if session is None:
             return  # unknown, or still being opened (its open cleans up)
         del self.sessions[session_id]
+        self.linger.forget(session_id)
         self.budget.give(session.tokens)
         await asyncio.shield(self._compute(_drop, session))  # the cache is freed on the thread that made it
 
@@ -122,23 +164,95 @@ class Runtime:
     async def shutdown(self) -> None:
         for session in self.open_sessions():
             await self.close(session.session_id)
+        await self.scheduler.close()
+
+    # ---- on the compute thread
+    def _run_tick(self, works: list[Work]) -> list[object]:
+        """One tick: for each chosen work its next `chunk` tokens (a decode token, or a chunk of a
+        long step), sessions over the same layers in one batched pass. Each work's outcome is its
+        output, its exception, or PENDING (a long step not finished yet)."""
+        outcomes: dict[int, object] = {}
+        groups: dict[tuple[int, int], list[Work]] = defaultdict(list)
+        for work in works:
+            if self.sessions.get(work.session.session_id) is not work.session:
+                outcomes[id(work)] = SessionLost("the session was closed")
+                continue
+            try:
+                if work.done == 0:
+                    _begin(work)
+                groups[(work.session.start, work.session.end)].append(work)
+            except Exception as exc:
+                outcomes[id(work)] = exc
+        for (start, end), group in groups.items():
+            for work, out in self._step_group(group, start, end).items():
+                if isinstance(out, BaseException):
+                    outcomes[id(work)] = out
+                    continue
+                work.outputs.append(out)
+                work.done += out.shape[1]
+                if work.done < work.hidden.shape[1]:
+                    outcomes[id(work)] = PENDING
+                else:
+                    outcomes[id(work)] = work.outputs[0] if len(work.outputs) == 1 else torch.cat(work.outputs, 1)
+        return [outcomes[id(w)] for w in works]
+
+    def _step_group(self, group: list[Work], start: int, end: int) -> dict[Work, object]:
+        """The next piece of each work of `group`: batched when the family allows (any pieces when
+        ragged, single decode tokens when padded), else one session at a time."""
+        pieces = {w: w.piece() for w in group}
+        ragged = self.layers.family.batching == "ragged"
+        batchable = [w for w in group if ragged or (pieces[w][0].shape[1] == 1 and pieces[w][1] is None)]
+        outcomes: dict[Work, object] = {}
+        if len(batchable) > 1 and self.batching:
+            try:
+                outs = self.layers.step_batch([pieces[w][0] for w in batchable], [w.session.cache for w in batchable],
+                                              [pieces[w][1] for w in batchable], start, end)
+                outcomes.update(zip(batchable, outs))
+            except RuntimeError as exc:
+                if "batch it padded" not in str(exc):
+                    raise
+                self.batching = False
+                log.warning("the %s family's attention cannot be batched (%s); steps run one session at a time",
+                            self.layers.family.name, exc)
+            except Exception as exc:  # one session's bad input must not fail the others: run them one by one
+                log.debug("batched tick failed (%s); running its sessions one by one", exc)
+        for w in group:
+            if w not in outcomes:
+                try:
+                    outcomes[w] = self.layers.step(pieces[w][0], w.session.cache, pieces[w][1], start, end)
+                except Exception as exc:
+                    outcomes[w] = exc
+        return outcomes
 
 
-def _run_step(span: LoadedSpan, session: Session, position: int, hidden, mask, hypo_ids, chunk: int):
-    cache = session.cache
-    if hypo_ids is not None and bool(((hypo_ids < 0) | (hypo_ids >= session.batch_size)).any()):
-        raise BadRequest(f"hypo_ids must be indices in [0, {session.batch_size})")  # before anything changes
-    cache.truncate(position)  # replays and rollbacks resend from `position`
+def _choose(queue: list[Work], chunk_tokens: int) -> list[Work]:
+    """The works of the next tick: every waiting decode step (up to MAX_TICK_ROWS rows), then
+    chunks of long steps, oldest first, within `chunk_tokens` token-rows (at least one chunk)."""
+    chosen, rows, budget = [], 0, chunk_tokens
+    for work in queue:
+        if work.decode and rows + work.hidden.shape[0] <= MAX_TICK_ROWS:
+            work.chunk = 1
+            chosen.append(work)
+            rows += work.hidden.shape[0]
+    for work in queue:
+        if work.decode or budget <= 0:
+            continue
+        left = work.hidden.shape[1] - work.done
+        work.chunk = max(1, min(left, budget // work.hidden.shape[0]))
+        budget -= work.chunk * work.hidden.shape[0]
+        chosen.append(work)
+    return chosen
+
+
+def _begin(work: Work) -> None:
+    """Bring the session's cache to the step's position, room and beam order; a refusal changes nothing."""
+    session, cache = work.session, work.session.cache
+    if work.hypo_ids is not None and bool(((work.hypo_ids < 0) | (work.hypo_ids >= session.batch_size)).any()):
+        raise BadRequest(f"hypo_ids must be indices in [0, {session.batch_size})")
+    cache.truncate(work.position)  # replays and rollbacks resend from `position`
     cache.grow(session.reserved)
-    if hypo_ids is not None:
-        cache.reorder(hypo_ids)
-    # Long prefills (and failover replays) go in chunks, so that the attention scores of one
-    # chunk [batch, heads, chunk, position + chunk] bound the memory, not those of the whole prompt.
-    outputs = []
-    for start in range(0, hidden.shape[1], chunk):
-        piece_mask = None if mask is None else mask[:, start:start + chunk]
-        outputs.append(span.step(hidden[:, start:start + chunk], cache, piece_mask, session.start, session.end))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    if work.hypo_ids is not None:
+        cache.reorder(work.hypo_ids)
 
 
 def _drop(session: Session) -> None:

@@ -76,6 +76,7 @@ class Blockserver:
             server_id=self.server_id, url=self.url, model=self.fingerprint, model_name=self.model_name,
             start=self.span.start, end=self.span.end, state=self.state, throughput=self.announced_throughput(),
             decode_tokens_per_s=tp.decode_tokens_per_s if tp else 0.0,
+            batch_decode_tokens_per_s=tp.batch_decode_tokens_per_s if tp else 0.0,
             prefill_tokens_per_s=tp.prefill_tokens_per_s if tp else 0.0,
             network_tokens_per_s=tp.network_tokens_per_s if tp else 0.0,
             cache_tokens_left=runtime.cache_tokens_left if runtime else self.settings.cache_tokens,
@@ -148,7 +149,7 @@ class Blockserver:
                                         self.settings.dtype, progress)
         s = self.settings
         self.runtime = Runtime(loaded, s.cache_tokens, self.compute, s.prefill_chunk_tokens, s.cache_page_tokens,
-                               s.alloc_timeout_s)
+                               s.alloc_timeout_s, s.batch_linger_s)
         self.state = ServerState.online
         await self.heartbeat_now()
         log.info("blockserver %s serving %s layers %s at %s", self.server_id, self.model_name, span, self.url)

@@ -44,6 +44,8 @@ class BlockserverSettings(BaseSettings):
                                                        "open sessions)")
     cache_page_tokens: int = Field(128, ge=1, description="sessions take cache room in pages of this many tokens "
                                                           "as they grow (not their whole max_length at once)")
+    batch_linger_s: float = Field(0.01, ge=0, le=1, description="a decode tick may wait this long for the steps "
+                                                              "of sessions that are one hop away, so they share it")
     heartbeat_interval_s: float = Field(2.0, gt=0, le=60, description="seconds between heartbeats; a record expires "
                                                                "after 3")
     idle_timeout_s: float = Field(300.0, gt=0, description="free a session after this long without a message")

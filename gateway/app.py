@@ -37,7 +37,7 @@ def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: C
         compute = ComputeThread("gateway-compute", settings.num_threads)
         directory = await compute.run(resolve_model, settings.model, settings.cache_dir)  # may convert: torch work
         name = settings.model_name or served_name(settings.model, directory)
-        model = await compute.run(GatewayModel.load, name, directory, settings.dtype, compute)
+        model = await compute.run(GatewayModel.load, name, directory, settings.dtype, compute, settings.batch_linger_s)
         state.swarm.model = ServedModel(model.facts.fingerprint, name, model.num_layers)
         state.model = model
         log.info("gateway serving %s (%d layers) from %s", state.swarm.model.describe(), model.num_layers, directory)
@@ -48,7 +48,7 @@ def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: C
                 yield
             finally:
                 await tasks.stop()
-                model.close()
+                await model.close()
 
     app = FastAPI(title="Corolla gateway", version=corolla_version(), lifespan=lifespan,
                   description="OpenAI-compatible API over a swarm of blockservers.")

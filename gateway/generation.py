@@ -89,6 +89,7 @@ class Generation:
         return session
 
     async def close(self) -> None:
+        self.model.finished(self)
         session, self.session = self.session, None
         if session is not None:
             await session.close()
@@ -112,9 +113,10 @@ class Generation:
         generator = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
         counts = torch.zeros(len(self.rows), model.vocab_size)
         sequence, mask = self.ids, self.mask  # every token fed so far, for a recompute
-        hidden = await self._step(sequence, mask, sequence, mask)
+        hidden = await self._step(await model.embed(sequence), mask, sequence, mask)
         while True:
-            tokens = (await model.next_tokens(hidden[:, -1:], counts, request.params, generator)).tolist()
+            chosen, embedded = await model.sample(hidden[:, -1:], counts, request.params, generator, client=self)
+            tokens = chosen.tolist()
             for choice, token in zip(choices, tokens):
                 if choice.reason is not None:
                     continue
@@ -122,29 +124,29 @@ class Generation:
                     yield event
             if all(c.reason is not None for c in choices):
                 break
-            next_ids = torch.tensor(tokens, dtype=torch.long)[:, None]
+            next_ids = chosen[:, None]
             sequence = torch.cat([sequence, next_ids], dim=1)
             mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
-            hidden = await self._step(next_ids, None, sequence, mask)
+            hidden = await self._step(embedded, None, sequence, mask)
         usage.completion_tokens = sum(len(c.tokens) for c in choices)
         yield usage
 
-    async def _step(self, ids: torch.Tensor, mask: torch.Tensor | None, sequence: torch.Tensor,
+    async def _step(self, embedded: torch.Tensor, mask: torch.Tensor | None, sequence: torch.Tensor,
                     sequence_mask: torch.Tensor) -> torch.Tensor:
-        """Run `ids` [batch, tokens] (the last ones of `sequence`) through the chain."""
+        """Run `embedded` [batch, tokens, hidden] (the last tokens of `sequence`) through the chain."""
         padded = sequence_mask if bool((sequence_mask == 0).any()) else None
         if mask is not None and not bool((mask == 0).any()):
             mask = None
         while True:
             try:
-                return await self.session.step(await self.model.embed(ids), mask)
+                return await self.session.step(embedded, mask)
             except (CacheFull, NeedsRecompute) as exc:
                 self.swarm.failovers.preemptions += 1
                 log.info("session %s: %s; waiting to recompute %d positions", self.session.session_id, exc,
                          sequence.shape[1])
                 await self.close()
                 self.session = await self.admission.admit(lambda: self._open(sequence.shape[1]), front=True)
-                ids, mask = sequence, padded  # the whole sequence, recomputed on the new chain
+                embedded, mask = await self.model.embed(sequence), padded  # recomputed on the new chain
 
 
 def _advance(choice: _Choice, token: int, request: GenerationRequest, model: GatewayModel, counts):

@@ -3,9 +3,11 @@ routing, plus the current load of each server). Pure: records, RTTs and loads in
 
 A chain is a shortest path over states (layer boundary, previous server): entering server s at
 layer p and leaving at q costs the network delay from the previous server (or the gateway) to s,
-a per-hop overhead plus (q - p) layers of compute at s's decode speed, that work again for each
-session already open on s (they share it), and a large penalty when s lacks the KV-cache room the
-session needs. Since layer indices only grow, the search is a dynamic programme over boundaries
+a per-hop overhead plus (q - p) layers of compute at s's decode speed, plus what each session
+already open on s adds (a batching server runs them together: one more session costs the marginal
+time measured between 1 and 16 batched sessions, not a whole step, plus the wait for the tick in
+progress), and a large
+penalty when s lacks the KV-cache room the session needs. Since layer indices only grow, the search is a dynamic programme over boundaries
 in increasing order."""
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class RoutingCosts:
     hop_overhead_s: float = 0.005  # serialization and scheduling per hop
     unknown_rtt_s: float = 0.3  # when nothing is measured yet (PETALS: 0.15 s one-way)
     unknown_tokens_per_s: float = 300.0  # a server that announced no decode speed
+    tie_s: float = 0.005  # routes closer than this are equally good: RTTs measured on busy hosts are noisier
     cache_penalty_s: float = 10.0  # a server without room for the session's cache
     max_delay_s: float = 5.0  # one link never counts for more (a bad measurement must not dominate)
 
@@ -43,6 +46,15 @@ def link_delay(rtt_s: float | None, rtts: Mapping[str, float], costs: RoutingCos
         known = sorted(rtts.values())
         rtt_s = known[len(known) // 2] if known else costs.unknown_rtt_s
     return min(rtt_s / 2, costs.max_delay_s)
+
+
+def marginal(server: ServerInfo, alone_s: float) -> float:
+    """Seconds per layer that one more session adds to a server's tick."""
+    batched = server.batch_decode_tokens_per_s
+    if not batched:
+        return alone_s  # no batching measured: sessions take turns
+    tick_of_16 = 16 / batched
+    return max(0.0, (tick_of_16 - alone_s) / 15)
 
 
 def route_chain(servers: list[ServerInfo], num_layers: int, banned: frozenset[str] | set[str] = frozenset(),
@@ -75,8 +87,12 @@ def route_chain(servers: list[ServerInfo], num_layers: int, banned: frozenset[st
                 leave = min(s.end, end)
                 rtt = rtts.get(s.server_id) if previous is None else previous.next_pings.get(
                     s.server_id, rtts.get(s.server_id))
-                work = costs.hop_overhead_s + (leave - position) / (s.decode_tokens_per_s or costs.unknown_tokens_per_s)
-                queue = sessions(s) * work  # each open session's step runs before ours, roughly
+                alone = 1 / (s.decode_tokens_per_s or costs.unknown_tokens_per_s)  # s per layer, one session
+                work = costs.hop_overhead_s + (leave - position) * alone
+                busy = sessions(s)
+                # a busy server makes us wait for the tick in progress (half of one, on average),
+                # and each session in it adds its marginal share: equal replicas still share the load
+                queue = (leave - position) * ((alone / 2 if busy else 0.0) + busy * marginal(s, alone))
                 penalty = costs.cache_penalty_s if s.cache_tokens_left < cache_tokens else 0.0
                 total = cost + link_delay(rtt, rtts, costs) + work + queue + penalty
                 key = (leave, s.server_id)
@@ -96,4 +112,8 @@ def route_chain(servers: list[ServerInfo], num_layers: int, banned: frozenset[st
         uncovered = [p for p in range(start, end) if not any(s.start <= p < s.end for s in usable)]
         where = f"layers {uncovered[0]}..{uncovered[-1]}" if uncovered else "a contiguous chain"
         raise Unavailable(f"no online server covers {where} (of [{start}, {end}))")
-    return min(finals, key=lambda f: f[:2])[2]
+    # Among routes as good as the best within measurement noise, take the least loaded, so that
+    # concurrent sessions spread over equal replicas even when batching makes load nearly free.
+    cheapest = min(f[0] for f in finals)
+    near = [f for f in finals if f[0] <= cheapest + costs.tie_s]
+    return min(near, key=lambda f: (sum(sessions(h.server) for h in f[2]), f[1]))[2]

@@ -32,18 +32,18 @@ class GatewayState:
         return ChainConfig.of(self.settings)
 
 
-def get_state(request: Request) -> GatewayState:
+async def get_state(request: Request) -> GatewayState:
     return request.app.state.gateway
 
 
-def get_model(state: Annotated[GatewayState, Depends(get_state)]) -> GatewayModel:
+async def get_model(state: Annotated[GatewayState, Depends(get_state)]) -> GatewayModel:
     if state.model is None:
         raise APIError(503, "The model is still loading; retry shortly.", "server_error", code="loading",
                        headers={"Retry-After": str(state.settings.retry_after_s)})
     return state.model
 
 
-def check_api_key(request: Request, state: Annotated[GatewayState, Depends(get_state)]) -> None:
+async def check_api_key(request: Request, state: Annotated[GatewayState, Depends(get_state)]) -> None:
     key = state.settings.api_key
     if not key:
         return

@@ -75,7 +75,8 @@ class ServerInfo(BaseModel):
     end: int = Field(ge=1, le=MAX_LAYERS)
     state: ServerState = ServerState.online
     throughput: Rate = 1.0  # tokens/s the server can sustain (span choice)
-    decode_tokens_per_s: Rate = 0.0  # decode tokens/s through one layer, batch 1 (routing); 0: unknown
+    decode_tokens_per_s: Rate = 0.0  # decode tokens/s through one layer, one session (routing); 0: unknown
+    batch_decode_tokens_per_s: Rate = 0.0  # the same with 16 sessions batched per tick; 0: unknown
     prefill_tokens_per_s: Rate = 0.0  # prefill tokens/s through one layer; 0: unknown
     network_tokens_per_s: Rate = 0.0  # hidden states/s the link carries; 0: unknown
     cache_tokens_left: int = Field(default=0, ge=0, le=2**40)

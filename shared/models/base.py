@@ -16,8 +16,10 @@ from torch import nn
 
 from shared.dtypes import dtype_name
 from shared.errors import BadRequest
+from shared.models.batch import ATTENTION, BatchView, pad_stack, register_attention
 from shared.models.cache import SpanCache
 from shared.models.checkpoint import Checkpoint
+from shared.models.masks import additive_mask, positions
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,39 @@ class Family:
             return window if layer_types[index] == "sliding_attention" else None
         return window
 
+    batching = "ragged"  # how decode steps of several sessions share a pass (shared/models/batch.py)
+
     # ---- one step
-    def prepare(self, span: LoadedSpan, hidden: torch.Tensor, full_mask: torch.Tensor) -> StepInputs:
+    def prepare(self, span: LoadedSpan, hidden: torch.Tensor, full_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> StepInputs:
+        """Masks, positions and the like for a step of `hidden` [batch, tokens, hidden] whose
+        padding mask over every position is `full_mask` [batch, keys]. `position_ids` overrides the
+        positions derived from the mask (a padded batch of sessions knows them per session)."""
         raise NotImplementedError
+
+    def position_inputs(self, span: LoadedSpan, hidden: torch.Tensor, position_ids: torch.Tensor) -> StepInputs:
+        """What a step needs besides masks: positions and what is computed from them (rotary)."""
+        raise NotImplementedError
+
+    def prepare_batch(self, span: LoadedSpan, hidden: torch.Tensor, full_masks: list[torch.Tensor],
+                      tokens: list[int], caches: list[SpanCache]) -> tuple[StepInputs, BatchView]:
+        """Inputs for a step of several sessions at once. Ragged: hidden [sum of rows_i x tokens_i,
+        1, hidden], each session's new tokens flattened into rows (everything but attention works
+        per token). Padded: hidden [sum of rows_i, 1, hidden] (one token each). full_masks[i]
+        [rows_i, keys_i] is session i's mask over its own positions, new tokens included."""
+        if self.batching == "padded":
+            rows = [m.shape[0] for m in full_masks]
+            position_ids = torch.cat([positions(m, 1) for m in full_masks])
+            padded = pad_stack([m for m in full_masks], dim=1)
+            return self.prepare(span, hidden, padded, position_ids), BatchView(caches, rows, [1] * len(rows), True)
+        position_ids = torch.cat([positions(m, t).reshape(-1, 1) for m, t in zip(full_masks, tokens)])
+        inputs = self.position_inputs(span, hidden, position_ids)
+        inputs.masks = {w: None for w in set(span.windows)}  # each session's mask travels with its cache
+        per_window = {w: [_step_mask(m, t, hidden.dtype, w) for m, t in zip(full_masks, tokens)]
+                      for w in set(span.windows)}
+        view = BatchView(caches, [m.shape[0] for m in full_masks], tokens, padded=False,
+                         masks=lambda layer: per_window[span.windows[layer - span.start]])
+        return inputs, view
 
     def run_layer(self, span: LoadedSpan, layer: nn.Module, index: int, hidden: torch.Tensor,
                   inputs: StepInputs, cache: SpanCache) -> torch.Tensor:
@@ -99,6 +131,15 @@ class Family:
         base = skeleton.get_submodule(self.base_path)
         return {"embed": skeleton.get_input_embeddings(), "norm": getattr(base, self.final_norm),
                 "head": skeleton.get_output_embeddings()}
+
+
+def _step_mask(full_mask: torch.Tensor, tokens: int, dtype: torch.dtype, window: int | None) -> torch.Tensor | None:
+    """The additive mask of a session's new tokens over its positions, or None for one token that
+    may see all of them (no padding, no window cutting in): SDPA then needs no mask at all."""
+    keys = full_mask.shape[1]
+    if tokens == 1 and bool(full_mask.all()) and (window is None or window >= keys):
+        return None
+    return additive_mask(full_mask, tokens, dtype, window)
 
 
 def build_skeleton(config) -> nn.Module:
@@ -142,6 +183,10 @@ class LoadedSpan:
         self.windows = [family.window(config, i) for i in range(start, end)]
         self.hidden_size = config.hidden_size
         self.context_length = family.context_length(config)
+        if family.batching == "ragged" and config._attn_implementation != ATTENTION:
+            register_attention()  # the layers now attend through batch.corolla_attention
+            config.corolla_base_attention = config._attn_implementation
+            config._attn_implementation = ATTENTION
 
     @property
     def dtype_name(self) -> str:
@@ -173,6 +218,32 @@ class LoadedSpan:
             raise
         cache.commit_step()
         return hidden
+
+    @torch.inference_mode()
+    def step_batch(self, hiddens: list[torch.Tensor], caches: list[SpanCache], masks: list[torch.Tensor | None],
+                   start: int | None = None, end: int | None = None) -> list[torch.Tensor]:
+        """A step of each of several sessions in one pass over layers [start, end): hiddens[i]
+        [rows_i, tokens_i, hidden] -> the same shapes; masks[i] [rows_i, tokens_i] marks padding among
+        the new tokens (None: none). Families batched "padded" take one token per session."""
+        first = (self.start if start is None else start) - self.start
+        last = (self.end if end is None else end) - self.start
+        shapes = [h.shape for h in hiddens]
+        tokens = [s[1] for s in shapes]
+        hidden = torch.cat([h.reshape(-1, 1, h.shape[2]) for h in hiddens]).to(self.device, self.dtype)
+        full_masks = []
+        try:
+            for cache, mask, t in zip(caches, masks, tokens):
+                full_masks.append(cache.begin_step(mask, t))
+            inputs, view = self.family.prepare_batch(self, hidden, full_masks, tokens, caches)
+            for offset in range(first, last):
+                hidden = self.family.run_layer(self, self.layers[offset], self.start + offset, hidden, inputs, view)
+        except BaseException:
+            for cache in caches:
+                cache.abort_step()
+            raise
+        for cache in caches:
+            cache.commit_step()
+        return [out.reshape(shape) for out, shape in zip(hidden.split([s[0] * s[1] for s in shapes]), shapes)]
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Stateless pass over whole sequences (scoring, fine-tuning): no cache is kept."""

@@ -89,7 +89,8 @@ def wait_all_free(url: str, within_s: float) -> float:
 
 def test_sixteen_default_chats_at_once(up):
     """No max_tokens: each chat may run to the end of its context (8192 tokens), yet 16 of them
-    run side by side, because servers reserve cache pages as sessions grow."""
+    run side by side, because servers reserve cache pages as sessions grow; their steps share
+    batched ticks, and each greedy answer equals the same chat run alone (float32)."""
     url, _, _ = up
 
     def chat(country: str) -> dict:
@@ -99,11 +100,16 @@ def test_sixteen_default_chats_at_once(up):
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]
 
-    alone = chat(COUNTRIES[0])
+    alone = [chat(country) for country in COUNTRIES]
+    before = blockservers(url)
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(chat, COUNTRIES))
+    after = blockservers(url)
     assert all(c["finish_reason"] == "stop" for c in together)
-    assert together[0]["message"]["content"] == alone["message"]["content"]  # greedy: the same answer
+    assert [c["message"]["content"] for c in together] == [c["message"]["content"] for c in alone]
+    steps = [a["steps"] - b["steps"] for a, b in zip(after, before)]
+    ticks = [a["ticks"] - b["ticks"] for a, b in zip(after, before)]
+    assert all(s >= 2 * t for s, t in zip(steps, ticks)), (steps, ticks)  # sessions shared ticks
     health = httpx.get(f"{url}/health").json()
     assert health["banned"] == [] and health["failover"]["failures"] == 0
     wait_all_free(url, 5)

@@ -167,3 +167,27 @@ def test_a_slow_reader_pauses_its_own_generation_or_is_dropped_harming_nobody(ti
     assert b"[DONE]" not in b"".join(dropped)  # the stalled stream was cut off
     assert free == [True, True] and swarm.load == {}
     assert swarm.bans.active() == set() and swarm.failovers.failures == 0 and swarm.failovers.moves >= 2
+
+
+def test_concurrent_generations_share_ticks_and_equal_their_lone_runs(tiny_dir):
+    """Eight greedy requests at once (prompts of different lengths, one with n=2): every answer is
+    the lone answer, and both the blockservers and the gateway's ends ran them in shared ticks."""
+    prompts = [[1] + list(range(10, 10 + k)) for k in (3, 9, 14, 5, 20, 7, 11, 2)]
+
+    async def scenario():
+        async with in_process_swarm(tiny_dir("qwen2"), {"a": "0:3", "b": "3:6"}) as swarm:
+            alone = [(await complete(swarm, p, max_tokens=24, n=2 if i == 3 else 1)).json() for i, p in
+                     enumerate(prompts)]
+            ticker = swarm.state.model.ticker
+            ticks, items = ticker.ticks, ticker.items
+            server = swarm.service("a").runtime.scheduler
+            server_ticks, server_items = server.ticks, server.items
+            together = await asyncio.gather(*(complete(swarm, p, max_tokens=24, n=2 if i == 3 else 1)
+                                              for i, p in enumerate(prompts)))
+            return (alone, [r.json() for r in together], (ticker.items - items) / (ticker.ticks - ticks),
+                    (server.items - server_items) / (server.ticks - server_ticks))
+
+    alone, together, gateway_batch, server_batch = asyncio.run(scenario())
+    texts = [[c["text"] for c in sorted(r["choices"], key=lambda c: c["index"])] for r in alone]
+    assert [[c["text"] for c in sorted(r["choices"], key=lambda c: c["index"])] for r in together] == texts
+    assert gateway_batch > 2 and server_batch > 2  # requests per tick on average

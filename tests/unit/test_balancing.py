@@ -89,3 +89,21 @@ def test_routing_spreads_load_over_equal_replicas():
         load[pick] = load.get(pick, 0) + 1
         picks.append(pick)
     assert picks.count("x") == 4 and picks.count("y") == 4
+
+
+def test_a_batching_server_costs_little_per_extra_session():
+    """Routing counts what one more session adds to a batched tick, not a whole step per session:
+    a busy batching server stays preferable to a slower idle one."""
+    from blockserver.throughput import Throughput
+
+    alone, batched = 100.0, 1000.0  # tokens/s per layer: one session, 16 batched
+    busy = info("busy", 0, 4, rps=alone, sessions=8).model_copy(update={"batch_decode_tokens_per_s": batched})
+    idle_but_slow = info("slow", 0, 4, rps=alone / 3, sessions=0)
+    assert route_chain([busy, idle_but_slow], 4, rtts={"busy": 0.001, "slow": 0.001})[0].server.server_id == "busy"
+    no_batching = busy.model_copy(update={"batch_decode_tokens_per_s": 0.0})
+    assert route_chain([no_batching, idle_but_slow], 4,
+                       rtts={"busy": 0.001, "slow": 0.001})[0].server.server_id == "slow"
+    # span choice hears the batched capacity
+    t = Throughput(decode_tokens_per_s=100, batch_decode_tokens_per_s=1000, prefill_tokens_per_s=500,
+                   network_tokens_per_s=1e6)
+    assert t.announced(9) == 1000 / 5

@@ -14,6 +14,7 @@ class BloomFamily(Family):
     layers_path = "transformer.h"
     base_path = "transformer"
     final_norm = "ln_f"
+    batching = "padded"  # its attention computes scores itself
 
     def rotary(self, skeleton, config, device):
         return None
@@ -21,7 +22,8 @@ class BloomFamily(Family):
     def window(self, config, index):
         return None
 
-    def prepare(self, span: LoadedSpan, hidden: torch.Tensor, full_mask: torch.Tensor) -> StepInputs:
+    def prepare(self, span: LoadedSpan, hidden: torch.Tensor, full_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> StepInputs:
         return StepInputs(
             masks={None: additive_mask(full_mask, hidden.shape[1], hidden.dtype)},
             alibi=build_alibi_tensor(full_mask, span.config.n_head, hidden.dtype),

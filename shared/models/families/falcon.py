@@ -19,6 +19,7 @@ class FalconFamily(Family):
     layers_path = "transformer.h"
     base_path = "transformer"
     final_norm = "ln_f"
+    batching = "padded"  # its attention calls SDPA itself
 
     def window(self, config, index):
         return None
@@ -35,11 +36,12 @@ class FalconFamily(Family):
             heads = config.num_kv_heads
         return heads, config.hidden_size // config.num_attention_heads
 
-    def prepare(self, span: LoadedSpan, hidden: torch.Tensor, full_mask: torch.Tensor) -> StepInputs:
+    def prepare(self, span: LoadedSpan, hidden: torch.Tensor, full_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> StepInputs:
         batch, tokens, _ = hidden.shape
         config = span.config
         mask = additive_mask(full_mask, tokens, hidden.dtype)
-        position_ids = positions(full_mask, tokens)
+        position_ids = positions(full_mask, tokens) if position_ids is None else position_ids
         inputs = StepInputs(position_ids=position_ids)
         if config.alibi:
             heads = config.num_attention_heads

@@ -15,14 +15,16 @@ class LlamaFamily(Family):
     name = "llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3")
 
-    def prepare(self, span: LoadedSpan, hidden: torch.Tensor, full_mask: torch.Tensor) -> StepInputs:
+    def prepare(self, span: LoadedSpan, hidden: torch.Tensor, full_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> StepInputs:
         tokens = hidden.shape[1]
-        position_ids = positions(full_mask, tokens)
-        return StepInputs(
-            masks={w: additive_mask(full_mask, tokens, hidden.dtype, w) for w in set(span.windows)},
-            position_ids=position_ids,
-            position_embeddings=span.rotary(hidden, position_ids=position_ids),
-        )
+        position_ids = positions(full_mask, tokens) if position_ids is None else position_ids
+        inputs = self.position_inputs(span, hidden, position_ids)
+        inputs.masks = {w: additive_mask(full_mask, tokens, hidden.dtype, w) for w in set(span.windows)}
+        return inputs
+
+    def position_inputs(self, span: LoadedSpan, hidden: torch.Tensor, position_ids: torch.Tensor) -> StepInputs:
+        return StepInputs(position_ids=position_ids, position_embeddings=span.rotary(hidden, position_ids=position_ids))
 
     def run_layer(self, span, layer, index, hidden, inputs, cache):
         return layer(
