@@ -62,6 +62,7 @@ class Work:
     hidden: torch.Tensor  # [rows, tokens, hidden]
     mask: torch.Tensor | None
     hypo_ids: torch.Tensor | None
+    prompts: torch.Tensor | None = None  # deep prompts [layers, P, hidden] (a tuned prompt's first steps)
     done: int = 0  # tokens of a long step already run
     chunk: int = 1  # tokens to run in the tick it was chosen for
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -130,7 +131,7 @@ class Runtime:
         return session
 
     async def step(self, session: Session, position: int, hidden: torch.Tensor, mask: torch.Tensor | None,
-                   hypo_ids: torch.Tensor | None) -> torch.Tensor:
+                   hypo_ids: torch.Tensor | None, prompts: torch.Tensor | None = None) -> torch.Tensor:
         needed = position + hidden.shape[1]
         if needed > session.reserved:  # take more pages first; a refusal leaves the session as it was
             room = self._room_for(needed, session.reserved, session.max_length)
@@ -139,13 +140,42 @@ class Runtime:
                 self.budget.give(session.batch_size * (room - session.reserved))
                 raise BadRequest("the session was closed")
             session.reserved = room
-        work = Work(session, position, hidden, mask, hypo_ids)
+        work = Work(session, position, hidden, mask, hypo_ids, prompts)
         if work.decode:
             self.linger.arrived(session.session_id, work)
         return await self.scheduler.submit(work)
 
-    async def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return await self._compute(self.layers.forward, hidden, mask)
+    async def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
+                      start: int, end: int) -> torch.Tensor:
+        """A stateless pass (scoring, fine-tuning) over layers [start, end)."""
+        outs = await self._stateless(self.layers.forward, hidden, mask, prompts, start, end)
+        return torch.cat(outs)
+
+    async def backward(self, hidden: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None,
+                       prompts: torch.Tensor | None, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients with respect to the input and the deep prompts of a stateless pass."""
+        parts = await self._stateless(self.layers.backward, hidden, mask, prompts, start, end, grad)
+        grad_prompts = None if prompts is None else torch.stack([p for _, p in parts]).sum(0)
+        return torch.cat([g for g, _ in parts]), grad_prompts
+
+    async def _stateless(self, fn, hidden, mask, prompts, start, end, grad=None) -> list:
+        """Run `fn` over groups of rows of at most `prefill_chunk_tokens` token-rows (one row at
+        least), each a compute call of its own (decode ticks run between them), each metered
+        against the cache budget while it runs: a pass costs what that many cached tokens would."""
+        rows, tokens = hidden.shape[:2]
+        group = max(1, self.prefill_chunk_tokens // tokens)
+        results = []
+        for first in range(0, rows, group):
+            part = slice(first, first + group)
+            cost = min(group, rows - first) * tokens
+            await self.budget.take(cost, self.alloc_timeout_s)
+            try:
+                args = [hidden[part]] + ([grad[part]] if grad is not None else [])
+                results.append(await asyncio.shield(self._compute(
+                    fn, *args, None if mask is None else mask[part], prompts, start, end)))
+            finally:
+                self.budget.give(cost)
+        return results
 
     async def close(self, session_id: str) -> None:
         """Forget the session and return its tokens at once (no await in between, so a cancelled
@@ -201,7 +231,8 @@ class Runtime:
         ragged, single decode tokens when padded), else one session at a time."""
         pieces = {w: w.piece() for w in group}
         ragged = self.layers.family.batching == "ragged"
-        batchable = [w for w in group if ragged or (pieces[w][0].shape[1] == 1 and pieces[w][1] is None)]
+        batchable = [w for w in group if w.prompts is None and
+                     (ragged or (pieces[w][0].shape[1] == 1 and pieces[w][1] is None))]
         outcomes: dict[Work, object] = {}
         if len(batchable) > 1 and self.batching:
             try:
@@ -219,7 +250,7 @@ class Runtime:
         for w in group:
             if w not in outcomes:
                 try:
-                    outcomes[w] = self.layers.step(pieces[w][0], w.session.cache, pieces[w][1], start, end)
+                    outcomes[w] = self.layers.step(pieces[w][0], w.session.cache, pieces[w][1], start, end, w.prompts)
                 except Exception as exc:
                     outcomes[w] = exc
         return outcomes

@@ -26,7 +26,7 @@ from shared.errors import (
     SessionLost,
     Unavailable,
 )
-from shared.protocol import Close, Forward, Message, Open, Ready, Result, Step
+from shared.protocol import Backward, Close, Forward, Message, Open, Ready, Result, Step
 
 
 class Host(Protocol):
@@ -94,19 +94,33 @@ class SessionHandler:
                 if session is None:
                     raise BadRequest("send `open` before `step`")
                 return await self._step(runtime, header, message.tensors, session), session
-            case Forward() as header:
+            case Forward() | Backward() as header:
+                self._check_model(header.model)
                 start, end = self._layers(runtime, header.span)
                 hidden = self._hidden(runtime, message.tensors, batch_size=None, room=runtime.layers.context_length)
                 mask = self._mask(message.tensors, hidden)
-                out = await runtime.forward(hidden, mask)
-                return protocol.encode(Result(), {"hidden": out.to(runtime.layers.dtype)}), session
+                prompts = self._prompts(runtime, message.tensors, end - start, hidden.shape[1])
+                if isinstance(header, Forward):
+                    out = await runtime.forward(hidden, mask, prompts, start, end)
+                    return protocol.encode(Result(), {"hidden": out.to(runtime.layers.dtype)}), session
+                grad = message.tensors["grad"]
+                if grad.shape != hidden.shape or grad.dtype != hidden.dtype:
+                    raise BadRequest(f"grad must be like hidden: {list(hidden.shape)} {runtime.layers.dtype_name}")
+                grad_in, grad_prompts = await runtime.backward(hidden, grad, mask, prompts, start, end)
+                tensors = {"grad": grad_in.to(runtime.layers.dtype)}
+                if grad_prompts is not None:
+                    tensors["grad_prompts"] = grad_prompts.to(runtime.layers.dtype)
+                return protocol.encode(Result(), tensors), session
         raise BadRequest(f"a blockserver does not accept {message.type!r} messages")
+
+    def _check_model(self, fingerprint: str) -> None:
+        if fingerprint != self.host.fingerprint:
+            raise ModelMismatch(f"this server serves {self.host.model_name} (fingerprint {self.host.fingerprint}), "
+                                f"not the model with fingerprint {fingerprint}")
 
     async def _open(self, runtime: Runtime, header: Open) -> Session:
         layers = runtime.layers
-        if header.model != self.host.fingerprint:
-            raise ModelMismatch(f"this server serves {self.host.model_name} (fingerprint {self.host.fingerprint}), "
-                                f"not the model with fingerprint {header.model}")
+        self._check_model(header.model)
         start, end = self._layers(runtime, header.span)
         if header.max_length > layers.context_length:
             raise BadRequest(f"max_length must be at most the model's context, {layers.context_length}")
@@ -135,7 +149,8 @@ class SessionHandler:
         hypo_ids = tensors.get("hypo_ids")
         if hypo_ids is not None and (hypo_ids.dtype != torch.int64 or hypo_ids.shape != (session.batch_size,)):
             raise BadRequest(f"hypo_ids must be int64 [{session.batch_size}]")
-        out = await runtime.step(session, header.position, hidden, mask, hypo_ids)
+        prompts = self._prompts(runtime, tensors, session.end - session.start, runtime.layers.context_length)
+        out = await runtime.step(session, header.position, hidden, mask, hypo_ids, prompts)
         return protocol.encode(Result(step_id=header.step_id, position=session.cache.length), {"hidden": out})
 
     @staticmethod
@@ -151,6 +166,18 @@ class SessionHandler:
         if hidden.shape[0] > protocol.MAX_BATCH:
             raise BadRequest(f"batch larger than {protocol.MAX_BATCH}")
         return hidden
+
+    @staticmethod
+    def _prompts(runtime: Runtime, tensors: dict, layers: int, max_tokens: int) -> torch.Tensor | None:
+        prompts = tensors.get("prompts")
+        if prompts is None:
+            return None
+        size, dtype = runtime.layers.hidden_size, runtime.layers.dtype
+        if (prompts.dtype != dtype or prompts.dim() != 3 or prompts.shape[0] != layers or prompts.shape[2] != size
+                or not 1 <= prompts.shape[1] <= max_tokens):
+            raise BadRequest(f"prompts must be {runtime.layers.dtype_name} [{layers}, tokens (1..{max_tokens}), "
+                             f"{size}], got {protocol.WIRE_DTYPE_NAMES[prompts.dtype]} {list(prompts.shape)}")
+        return prompts
 
     @staticmethod
     def _mask(tensors: dict, hidden: torch.Tensor) -> torch.Tensor | None:

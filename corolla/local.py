@@ -73,6 +73,16 @@ class LocalSwarm:
                                                "--host", self.host, "--port", str(self.port), *self.gateway_args])
         return self.gateway
 
+    def restart_gateway(self, extra_args: list[str] = (), timeout_s: float = 120) -> None:
+        """Stop the gateway and start it again (same port) with `extra_args` added; blockservers
+        register again with their next heartbeat."""
+        if self.gateway is not None and self.gateway.poll() is None:
+            self.gateway.send_signal(signal.SIGINT)
+            self.gateway.wait(30)
+        self.gateway_args += list(extra_args)
+        self.start_gateway()
+        self.wait_healthy(timeout_s)
+
     def add_blockserver(self, span: str | None, extra: list[str] = (), nice: bool = False,
                         port: int | None = None, gateways: list[str] | None = None,
                         model: str | None = None) -> subprocess.Popen:

@@ -37,7 +37,8 @@ def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: C
         compute = ComputeThread("gateway-compute", settings.num_threads)
         directory = await compute.run(resolve_model, settings.model, settings.cache_dir)  # may convert: torch work
         name = settings.model_name or served_name(settings.model, directory)
-        model = await compute.run(GatewayModel.load, name, directory, settings.dtype, compute, settings.batch_linger_s)
+        model = await compute.run(GatewayModel.load, name, directory, settings.dtype, compute, settings.batch_linger_s,
+                                  settings.prompt_adapters)
         state.swarm.model = ServedModel(model.facts.fingerprint, name, model.num_layers)
         state.model = model
         log.info("gateway serving %s (%d layers) from %s", state.swarm.model.describe(), model.num_layers, directory)

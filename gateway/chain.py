@@ -76,8 +76,10 @@ class ChainConfig:
 class HopSession:
     """One session on one blockserver, running one hop's layers."""
 
-    def __init__(self, hop: Hop, session_id: str, swarm: Swarm, config: ChainConfig, connect: Connect):
+    def __init__(self, hop: Hop, session_id: str, swarm: Swarm, config: ChainConfig, connect: Connect,
+                 prompts: torch.Tensor | None = None):
         self.server, self.span = hop.server, hop.span
+        self.prompts = prompts  # the chain's deep prompts [all layers, P, hidden], sent while position < P
         self.session_id = session_id
         self.swarm, self.config, self._connect = swarm, config, connect
         self.lease = swarm.lease(self.server.server_id)
@@ -118,6 +120,8 @@ class HopSession:
 
     async def _step_once(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         tensors = {"hidden": hidden} | ({"mask": mask} if mask is not None else {})
+        if self.prompts is not None and self.position < self.prompts.shape[1]:
+            tensors["prompts"] = self.prompts[self.span.start:self.span.end].to(self.dtype)
         step_id = self.position
         reply = await self._call(protocol.Step(step_id=step_id, position=self.position), tensors, protocol.Result)
         out = reply.tensors.get("hidden")
@@ -167,13 +171,14 @@ class ChainSession:
 
     def __init__(self, hops: list[Hop], swarm: Swarm, config: ChainConfig, batch_size: int, max_length: int,
                  connect: Connect = websocket_connect, reserve_length: int | None = None,
-                 on_closed: Callable[[], None] = lambda: None):
+                 on_closed: Callable[[], None] = lambda: None, prompts: torch.Tensor | None = None):
         self.session_id = f"sess-{uuid.uuid4().hex[:12]}"
         self._ids = itertools.count()
         self.swarm, self.config, self._connect = swarm, config, connect
         self.model = swarm.model.fingerprint
         self.batch_size, self.max_length = batch_size, max_length
         self.reserve_length = reserve_length or max_length
+        self.prompts = prompts  # deep prompts of a tuned model [layers, P, hidden], or None
         self.hops = [self._hop_session(h) for h in hops]
         self.full: set[str] = set()  # servers that had no room for this session
         self.refused: set[str] = set()  # servers that refused it (moving, refusing the request)
@@ -183,7 +188,8 @@ class ChainSession:
 
     def _hop_session(self, hop: Hop) -> HopSession:
         # every hop session has its own id: a replacement may land on a server already in the chain
-        return HopSession(hop, f"{self.session_id}-{next(self._ids)}", self.swarm, self.config, self._connect)
+        return HopSession(hop, f"{self.session_id}-{next(self._ids)}", self.swarm, self.config, self._connect,
+                          self.prompts)
 
     async def __aenter__(self) -> ChainSession:
         try:

@@ -71,19 +71,27 @@ class Generation:
         self.connect, self.admission = connect, admission
         self.rows = [prompt for prompt in request.prompts for _ in range(request.n)]
         self.ids, self.mask = _left_pad(self.rows, model.pad_id)
-        self.max_length = self.ids.shape[1] + request.max_tokens
+        adapter = request.adapter
+        virtual = request.virtual_tokens
+        if virtual:  # the soft prompt's positions come first, before any padding: every row sees them
+            self.mask = torch.cat([torch.ones(len(self.rows), virtual, dtype=torch.long), self.mask], dim=1)
+        self.deep = adapter.deep_prompts if adapter is not None else None
+        self.prefix: torch.Tensor | None = None  # the soft prompt as the first layer receives it
+        self.max_length = virtual + self.ids.shape[1] + request.max_tokens
         self.session: ChainSession | None = None
 
     async def start(self) -> None:
+        if self.request.adapter is not None:
+            self.prefix = await self.model.prefix(self.request.adapter)
         if self.request.max_tokens > 0:
-            self.session = await self.admission.admit(lambda: self._open(self.ids.shape[1]))
+            self.session = await self.admission.admit(lambda: self._open(self.mask.shape[1]))
 
     async def _open(self, tokens: int) -> ChainSession:
         """A chain with room for `tokens` per row now (and more, in pages, as it grows)."""
         reserve = min(tokens + 1, self.max_length)
         hops = self.swarm.route(cache_tokens=len(self.rows) * reserve)
         session = ChainSession(hops, self.swarm, self.config, len(self.rows), self.max_length, self.connect,
-                               reserve_length=reserve, on_closed=self.admission.changed)
+                               reserve_length=reserve, on_closed=self.admission.changed, prompts=self.deep)
         await session.__aenter__()
         log.info("session %s: %d rows, chain %s", session.session_id, len(self.rows), session.describe())
         return session
@@ -112,8 +120,8 @@ class Generation:
             return
         generator = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
         counts = torch.zeros(len(self.rows), model.vocab_size)
-        sequence, mask = self.ids, self.mask  # every token fed so far, for a recompute
-        hidden = await self._step(await model.embed(sequence), mask, sequence, mask)
+        sequence, mask = self.ids, self.mask  # every token fed so far (and the mask of every position)
+        hidden = await self._step(await self._embed(sequence), mask, sequence, mask)
         while True:
             chosen, embedded = await model.sample(hidden[:, -1:], counts, request.params, generator, client=self)
             tokens = chosen.tolist()
@@ -146,7 +154,15 @@ class Generation:
                          sequence.shape[1])
                 await self.close()
                 self.session = await self.admission.admit(lambda: self._open(sequence.shape[1]), front=True)
-                embedded, mask = await self.model.embed(sequence), padded  # recomputed on the new chain
+                embedded, mask = await self._embed(sequence), padded  # recomputed on the new chain
+
+    async def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of a whole sequence [rows, tokens], after the soft prompt when there is one."""
+        embedded = await self.model.embed(ids)
+        if self.prefix is None:
+            return embedded
+        prefix = self.prefix.to(embedded.dtype).expand(embedded.shape[0], -1, -1)
+        return torch.cat([prefix, embedded], dim=1)
 
 
 def _advance(choice: _Choice, token: int, request: GenerationRequest, model: GatewayModel, counts):

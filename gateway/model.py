@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gateway.adapters import PromptAdapter, load_adapter
 from gateway.sampling import SamplingParams, choose_tokens
 from shared.compute import ComputeThread
+from shared.errors import BadRequest
 from shared.models.base import ModelEnds
 from shared.models.loader import ModelFacts, eos_ids, load_ends, load_facts, load_tokenizer
 from shared.ticks import Linger, Ticker
@@ -43,6 +45,7 @@ class GatewayModel:
     pad_id: int
     compute: ComputeThread
     linger_s: float = 0.0
+    adapters: dict[str, PromptAdapter] = field(default_factory=dict)  # tuned prompts served as model ids
     ticker: Ticker = field(init=False, repr=False)
     linger: Linger = field(init=False, repr=False)
 
@@ -52,16 +55,28 @@ class GatewayModel:
                              lambda queue: self.linger([i for i in queue if isinstance(i, Sample)]))
 
     @classmethod
-    def load(cls, name: str, directory, dtype: str, compute: ComputeThread, linger_s: float = 0.0) -> GatewayModel:
-        """Runs on `compute`, the thread that will run the model."""
+    def load(cls, name: str, directory, dtype: str, compute: ComputeThread, linger_s: float = 0.0,
+             adapters: list[str] = ()) -> GatewayModel:
+        """Runs on `compute`, the thread that will run the model. `adapters`: NAME=PATH of tuned prompts."""
         facts = load_facts(directory)
         tokenizer = load_tokenizer(directory)
         eos = eos_ids(directory, facts.config, tokenizer)
         pad = getattr(facts.config, "pad_token_id", None)
         if pad is None:
             pad = min(eos, default=0)
+        loaded = {}
+        for spec in adapters:
+            adapter = load_adapter(spec, facts.fingerprint, facts.num_layers, facts.hidden_size)
+            if adapter.name == name or adapter.name in loaded:
+                raise BadRequest(f"prompt adapter name {adapter.name!r} is already a model id here")
+            loaded[adapter.name] = adapter
         return cls(name=name, facts=facts, ends=load_ends(directory, "cpu", dtype), tokenizer=tokenizer,
-                   eos_ids=eos, pad_id=int(pad), compute=compute, linger_s=linger_s)
+                   eos_ids=eos, pad_id=int(pad), compute=compute, linger_s=linger_s, adapters=loaded)
+
+    async def prefix(self, adapter: PromptAdapter) -> torch.Tensor:
+        """The adapter's soft prompt as the first layer receives it [P, hidden] (prepared like
+        input embeddings: BLOOM's LayerNorm and the like)."""
+        return await self.run(self.ends.prepare_inputs, adapter.soft_prompt.to(self.ends.embed.weight.dtype))
 
     @property
     def num_layers(self) -> int:

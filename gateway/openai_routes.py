@@ -24,29 +24,33 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
 
-def model_card(state: GatewayState) -> dict:
+def model_card(state: GatewayState, name: str | None = None) -> dict:
+    """The base model's card, or a tuned prompt's (`root`/`parent` name the base, as vLLM does)."""
     model = state.model
-    return {"id": model.name, "object": "model", "created": state.started_at, "owned_by": "corolla",
+    card = {"id": name or model.name, "object": "model", "created": state.started_at, "owned_by": "corolla",
             "max_model_len": model.context_length}
+    if name is not None and name != model.name:
+        card |= {"root": model.name, "parent": model.name}
+    return card
 
 
 def check_model(name: str, state: GatewayState) -> None:
-    if name != state.model.name:
+    if name != state.model.name and name not in state.model.adapters:
         raise APIError(404, f"The model `{name}` does not exist or you do not have access to it.",
                        param="model", code="model_not_found")
 
 
 @router.get("/models")
 async def list_models(state: StateDep, _: ModelDep):
-    """The model this gateway serves."""
-    return {"object": "list", "data": [model_card(state)]}
+    """The model this gateway serves, and the tuned prompts it serves as models of their own."""
+    return {"object": "list", "data": [model_card(state)] + [model_card(state, a) for a in state.model.adapters]}
 
 
 @router.get("/models/{model_id:path}")
 async def retrieve_model(model_id: str, state: StateDep, _: ModelDep):
     """One model by id (ids may contain '/')."""
     check_model(model_id, state)
-    return model_card(state)
+    return model_card(state, model_id)
 
 
 @router.post("/completions")
@@ -77,7 +81,7 @@ async def respond(wanted: GenerationRequest, body: CompletionRequest | ChatReque
     ensure_chain(state)
     fit_to_swarm(wanted, state.swarm.largest_session(), "messages" if chat else "prompt")
     generation = Generation(wanted, state.model, state.swarm, state.chain_config, state.connect, state.admission)
-    shaper = OpenAIShaper("chatcmpl" if chat else "cmpl", state.model.name, wanted.rows, body)
+    shaper = OpenAIShaper("chatcmpl" if chat else "cmpl", body.model, wanted.rows, body)
     try:
         await until_disconnected(request, generation.start())
         if body.stream:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.adapters import PromptAdapter
 from gateway.errors import APIError
 from gateway.model import GatewayModel
 from gateway.sampling import SamplingParams
@@ -22,6 +23,12 @@ class GenerationRequest:
     stops: list[str]
     params: SamplingParams
     max_tokens_given: bool = True  # False: a chat's default, "until the context ends" (fit_to_swarm may lower it)
+    adapter: PromptAdapter | None = None  # a tuned prompt's model id was asked for
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions the soft prompt takes before every row's tokens."""
+        return self.adapter.length if self.adapter is not None else 0
 
     @property
     def rows(self) -> int:
@@ -29,8 +36,8 @@ class GenerationRequest:
 
     @property
     def max_length(self) -> int:
-        """Tokens each row may reach: the longest prompt plus the completion."""
-        return max(len(p) for p in self.prompts) + self.max_tokens
+        """Positions each row may reach: a soft prompt's, the longest prompt and the completion."""
+        return self.virtual_tokens + max(len(p) for p in self.prompts) + self.max_tokens
 
 
 def completion_request(body: CompletionRequest, model: GatewayModel, max_rows: int) -> GenerationRequest:
@@ -41,7 +48,8 @@ def completion_request(body: CompletionRequest, model: GatewayModel, max_rows: i
         raise APIError(400, f"`{unsupported[0]}` is not supported by this server", param=unsupported[0])
     prompts = prompt_ids(body.prompt, model)
     max_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
-    request = GenerationRequest(prompts, body.n, max_tokens, body.stop or [], sampling(body, model.vocab_size))
+    request = GenerationRequest(prompts, body.n, max_tokens, body.stop or [], sampling(body, model.vocab_size),
+                                adapter=model.adapters.get(body.model))
     check_size(request, model.context_length, max_rows, "prompt")
     return request
 
@@ -59,10 +67,12 @@ def chat_request(body: ChatRequest, model: GatewayModel, max_rows: int) -> Gener
         ids = model.apply_chat_template(messages)
     except Exception as exc:  # jinja templates raise their own errors on unexpected roles/orders
         raise APIError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
+    adapter = model.adapters.get(body.model)
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = limit if limit is not None else max(0, model.context_length - len(ids))
+    room = model.context_length - len(ids) - (adapter.length if adapter is not None else 0)
+    max_tokens = limit if limit is not None else max(0, room)
     request = GenerationRequest([ids], body.n, max_tokens, body.stop or [], sampling(body, model.vocab_size),
-                                max_tokens_given=limit is not None)
+                                max_tokens_given=limit is not None, adapter=adapter)
     check_size(request, model.context_length, max_rows, "messages")
     return request
 
@@ -71,7 +81,7 @@ def fit_to_swarm(request: GenerationRequest, largest_session: int, param: str) -
     """Refuse (400) a request that no route could ever hold: its rows x (prompt + max_tokens)
     cache tokens exceed, on some layer, every server's whole budget. A chat that gave no limit
     generates until its context ends or that budget would be exceeded, whichever comes first."""
-    longest = max(len(p) for p in request.prompts)
+    longest = max(len(p) for p in request.prompts) + request.virtual_tokens
     if not request.max_tokens_given:
         request.max_tokens = min(request.max_tokens, largest_session // request.rows - longest)
         if request.max_tokens >= 1:
@@ -126,7 +136,7 @@ def check_size(request: GenerationRequest, context_length: int, max_rows: int, p
     if request.rows > max_rows:
         raise APIError(400, f"{len(request.prompts)} prompts x n={request.n} = {request.rows} completions; at most "
                             f"{max_rows} per request", param="n")
-    longest = max(len(p) for p in request.prompts)
+    longest = max(len(p) for p in request.prompts) + request.virtual_tokens
     if longest + request.max_tokens > context_length:
         raise APIError(400, f"This model's maximum context length is {context_length} tokens. However, you "
                             f"requested {longest + request.max_tokens} tokens ({longest} in the prompt, "

@@ -41,6 +41,9 @@ class GatewaySettings(BaseSettings):
                                                             "it a failed hop is repaired by recomputing the sequence")
     batch_linger_s: float = Field(0.01, ge=0, le=1, description="a sampling tick may wait this long for other "
                                                               "generations' last hidden states, so they share it")
+    prompt_adapters: list[str] = Field(default_factory=list, json_schema_extra={"flag": "prompt-adapter",
+                                                                                "metavar": "NAME=PATH"},
+                                       description="serve a prompt trained with gateway.tuning as the model id NAME")
     max_batch_rows: int = Field(64, ge=1, description="prompts x n in one request")
     max_frame_bytes: int = Field(64 * 2**20, ge=1024, description="largest WebSocket frame to send or accept")
     swarm_secret: str | None = Field(None, description="require this join secret of blockservers' heartbeats")

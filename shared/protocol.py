@@ -10,10 +10,16 @@ tensor descriptor before any tensor is built. The receiver then checks shapes ag
 
 Messages of an inference session (DESIGN.md section 4), one WebSocket per session per server:
     Open   {session_id, model, span, max_length, batch_size, dtype, reserve_length?} -> Ready | Error
-    Step   {step_id, position}  hidden[B,T,H] mask?[B,T] hypo_ids?[B] -> Result{step_id, position} hidden | Error
+    Step   {step_id, position}  hidden[B,T,H] mask?[B,T] hypo_ids?[B] prompts?[L,P,H]
+                                                          -> Result{step_id, position} hidden | Error
     Close  {}
-Stateless, on any socket:
-    Forward {span}  hidden[B,T,H] mask?[B,T]                          -> Result hidden
+Stateless, on any socket (scoring and fine-tuning; nothing is kept between calls):
+    Forward  {model, span}  hidden[B,T,H] mask?[B,T] prompts?[L,P,H]          -> Result hidden
+    Backward {model, span}  hidden[B,T,H] grad[B,T,H] mask?[B,T] prompts?[L,P,H]
+                                                          -> Result grad[B,T,H] grad_prompts?[L,P,H]
+`prompts` are deep prompts, one [P, H] per layer of the span, added before that layer to the hidden
+states of positions 0..P-1; `grad` on Backward is the loss's gradient with respect to the output,
+on its Result the gradient with respect to the input.
 """
 
 from __future__ import annotations
@@ -76,14 +82,14 @@ class Step(Header):
     step_id: NonNegative
     position: NonNegative  # tokens the server must already hold; it truncates to this first
     required_tensors = frozenset({"hidden"})
-    optional_tensors = frozenset({"mask", "hypo_ids"})
+    optional_tensors = frozenset({"mask", "hypo_ids", "prompts"})
 
 
 class Result(Header):
     type: Literal["result"] = "result"
     step_id: NonNegative | None = None
     position: NonNegative | None = None  # tokens held after the step
-    optional_tensors = frozenset({"hidden"})
+    optional_tensors = frozenset({"hidden", "grad", "grad_prompts"})
 
 
 class Close(Header):
@@ -92,9 +98,18 @@ class Close(Header):
 
 class Forward(Header):
     type: Literal["forward"] = "forward"
+    model: Annotated[StrictStr, Field(min_length=1, max_length=128)]
     span: LayerRange
     required_tensors = frozenset({"hidden"})
-    optional_tensors = frozenset({"mask"})
+    optional_tensors = frozenset({"mask", "prompts"})
+
+
+class Backward(Header):
+    type: Literal["backward"] = "backward"
+    model: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    span: LayerRange
+    required_tensors = frozenset({"hidden", "grad"})
+    optional_tensors = frozenset({"mask", "prompts"})
 
 
 class Error(Header):
@@ -103,9 +118,10 @@ class Error(Header):
     message: Annotated[StrictStr, Field(max_length=4096)]
 
 
-AnyHeader = Open | Ready | Step | Result | Close | Forward | Error
+AnyHeader = Open | Ready | Step | Result | Close | Forward | Backward | Error
 _HEADERS: TypeAdapter[AnyHeader] = TypeAdapter(Annotated[AnyHeader, Field(discriminator="type")])
-MESSAGE_TYPES = frozenset(h.model_fields["type"].default for h in (Open, Ready, Step, Result, Close, Forward, Error))
+MESSAGE_TYPES = frozenset(h.model_fields["type"].default for h in
+                          (Open, Ready, Step, Result, Close, Forward, Backward, Error))
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,16 @@ class Family:
                 "head": skeleton.get_output_embeddings()}
 
 
+def _add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, position: int) -> torch.Tensor:
+    """hidden [batch, tokens, hidden] of positions [position, position + tokens), with the deep
+    prompt [prompt tokens, hidden] added to those among positions [0, prompt tokens)."""
+    count = min(hidden.shape[1], prompt.shape[0] - position)
+    if count <= 0:
+        return hidden
+    added = hidden[:, :count] + prompt[position:position + count]
+    return torch.cat([added, hidden[:, count:]], dim=1)
+
+
 def _step_mask(full_mask: torch.Tensor, tokens: int, dtype: torch.dtype, window: int | None) -> torch.Tensor | None:
     """The additive mask of a session's new tokens over its positions, or None for one token that
     may see all of them (no padding, no window cutting in): SDPA then needs no mask at all."""
@@ -197,21 +207,25 @@ class LoadedSpan:
 
     @torch.inference_mode()
     def step(self, hidden: torch.Tensor, cache: SpanCache, new_mask: torch.Tensor | None = None,
-             start: int | None = None, end: int | None = None) -> torch.Tensor:
+             start: int | None = None, end: int | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Run new tokens through layers [start, end) of the span (default: all of it).
         hidden: [batch, tokens, hidden] -> same shape.
 
-        new_mask [batch, tokens] marks padding (0) among the new tokens; None means none."""
-        first = (self.start if start is None else start) - self.start
-        last = (self.end if end is None else end) - self.start
+        new_mask [batch, tokens] marks padding (0) among the new tokens; None means none.
+        prompts [end - start, prompt tokens, hidden]: deep prompts, added before each layer to the
+        hidden states of the session's first positions (those among this step's tokens)."""
+        first, last = self._range(start, end)
         if hidden.dim() != 3 or hidden.shape[0] != cache.batch_size or hidden.shape[2] != self.hidden_size:
             raise BadRequest(f"hidden must be [{cache.batch_size}, tokens, {self.hidden_size}], "
                              f"got {list(hidden.shape)}")
         hidden = hidden.to(self.device, self.dtype)
+        position = cache.length
         full_mask = cache.begin_step(new_mask, hidden.shape[1])
         try:
             inputs = self.family.prepare(self, hidden, full_mask)
-            for offset in range(first, last):
+            for i, offset in enumerate(range(first, last)):
+                if prompts is not None:
+                    hidden = _add_prompt(hidden, prompts[i], position)
                 hidden = self.family.run_layer(self, self.layers[offset], self.start + offset, hidden, inputs, cache)
         except BaseException:
             cache.abort_step()
@@ -219,14 +233,69 @@ class LoadedSpan:
         cache.commit_step()
         return hidden
 
+    def _range(self, start: int | None, end: int | None) -> tuple[int, int]:
+        """Layers [start, end) (global) as offsets into this span's list."""
+        return (self.start if start is None else start) - self.start, (self.end if end is None else end) - self.start
+
+    # ---- stateless passes (scoring, fine-tuning): no cache outlives the call
+    def _pass(self, hidden: torch.Tensor, mask: torch.Tensor | None, first: int, last: int,
+              prompts: torch.Tensor | None, keep_inputs: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        full_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=self.device) if mask is None else \
+            mask.to(self.device, torch.long)
+        inputs = self.family.prepare(self, hidden, full_mask)
+        layer_inputs = []
+        for i, offset in enumerate(range(first, last)):
+            if prompts is not None:
+                hidden = _add_prompt(hidden, prompts[i], 0)
+            if keep_inputs:
+                layer_inputs.append(hidden)
+            hidden = self.family.run_layer(self, self.layers[offset], self.start + offset, hidden, inputs, None)
+        return hidden, layer_inputs
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
+                start: int | None = None, end: int | None = None) -> torch.Tensor:
+        """Whole sequences through layers [start, end), with no cache kept. hidden [batch, tokens,
+        hidden]; mask [batch, tokens] (0: padding); prompts as in `step` (at positions 0..P-1)."""
+        first, last = self._range(start, end)
+        return self._pass(hidden.to(self.device, self.dtype), mask, first, last,
+                          None if prompts is None else prompts.to(self.device, self.dtype), False)[0]
+
+    def backward(self, hidden: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None = None,
+                 prompts: torch.Tensor | None = None, start: int | None = None,
+                 end: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gradient of a loss with respect to this pass's input and deep prompts, given `grad`,
+        its gradient with respect to the output. The forward is recomputed (nothing is stored
+        between calls) and each layer's graph is built, used and dropped in turn, so memory holds
+        one layer's activations plus each layer's input. The weights stay frozen."""
+        first, last = self._range(start, end)
+        hidden = hidden.to(self.device, self.dtype)
+        prompts = None if prompts is None else prompts.to(self.device, self.dtype)
+        with torch.no_grad():
+            _, layer_inputs = self._pass(hidden, mask, first, last, prompts, True)
+        full_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=self.device) if mask is None else \
+            mask.to(self.device, torch.long)
+        inputs = self.family.prepare(self, hidden, full_mask)
+        grad = grad.to(self.device, self.dtype)
+        grad_prompts = None if prompts is None else torch.zeros_like(prompts)
+        for i in reversed(range(last - first)):
+            with torch.enable_grad():
+                x = layer_inputs[i].detach().requires_grad_(True)
+                y = self.family.run_layer(self, self.layers[first + i], self.start + first + i, x, inputs, None)
+                torch.autograd.backward(y, grad)
+            grad = x.grad  # d loss / d (layer input, prompt added) = d loss / d (previous output)
+            if grad_prompts is not None:
+                length = prompts.shape[1]
+                grad_prompts[i] = grad[:, :length].sum(0)
+        return grad, grad_prompts
+
     @torch.inference_mode()
     def step_batch(self, hiddens: list[torch.Tensor], caches: list[SpanCache], masks: list[torch.Tensor | None],
                    start: int | None = None, end: int | None = None) -> list[torch.Tensor]:
         """A step of each of several sessions in one pass over layers [start, end): hiddens[i]
         [rows_i, tokens_i, hidden] -> the same shapes; masks[i] [rows_i, tokens_i] marks padding among
         the new tokens (None: none). Families batched "padded" take one token per session."""
-        first = (self.start if start is None else start) - self.start
-        last = (self.end if end is None else end) - self.start
+        first, last = self._range(start, end)
         shapes = [h.shape for h in hiddens]
         tokens = [s[1] for s in shapes]
         hidden = torch.cat([h.reshape(-1, 1, h.shape[2]) for h in hiddens]).to(self.device, self.dtype)
@@ -245,10 +314,6 @@ class LoadedSpan:
             cache.commit_step()
         return [out.reshape(shape) for out, shape in zip(hidden.split([s[0] * s[1] for s in shapes]), shapes)]
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Stateless pass over whole sequences (scoring, fine-tuning): no cache is kept."""
-        cache = self.new_cache(hidden.shape[0], hidden.shape[1])
-        return self.step(hidden, cache, mask)
 
 
 class ModelEnds(nn.Module):
@@ -265,11 +330,14 @@ class ModelEnds(nn.Module):
 
     @torch.inference_mode()
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[batch, tokens] -> [batch, tokens, hidden]"""
-        hidden = self.embed(input_ids)
-        if self.embed_norm is not None:
-            hidden = self.embed_norm(hidden)
-        return hidden
+        """[batch, tokens] -> [batch, tokens, hidden]: what the first layer receives."""
+        return self.prepare_inputs(self.embed(input_ids))
+
+    def prepare_inputs(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """What the model does to input embeddings before its first layer (BLOOM's LayerNorm;
+        nothing for most). It works per token, so a soft prompt [tokens, hidden] can go through it
+        alone and be prepended, exactly as if it had been given as `inputs_embeds`."""
+        return self.embed_norm(embeddings) if self.embed_norm is not None else embeddings
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

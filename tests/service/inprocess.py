@@ -76,6 +76,7 @@ class Fault:
     at_step: int
     kind: str = "drop"
     seen: int = 0
+    frames: type = protocol.Step  # which messages count (Step, Forward, Backward)
 
 
 class FaultyChannel:
@@ -84,7 +85,7 @@ class FaultyChannel:
         self._pending_fault: str | None = None
 
     async def send(self, frame: bytes) -> None:
-        if isinstance(protocol.decode(frame, 1 << 30).header, protocol.Step):
+        if isinstance(protocol.decode(frame, 1 << 30).header, self.fault.frames):
             if self.fault.seen == self.fault.at_step:
                 self._pending_fault = self.fault.kind
             self.fault.seen += 1
