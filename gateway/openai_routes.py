@@ -103,21 +103,28 @@ class ClientGone(Exception):
 T = TypeVar("T")
 
 
-async def until_disconnected(request: Request, work: Awaitable[T], poll_s: float = 0.25) -> T:
-    """Await `work`, cancelling it (and raising ClientGone) if the HTTP client disconnects."""
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and raising ClientGone) as soon as the HTTP client disconnects."""
     task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll_s)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                log.info("client went away; ending its generation")
-                raise ClientGone()
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        log.info("client went away; ending its generation")
+        raise ClientGone()
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for t in (task, gone):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(task, gone, return_exceptions=True)
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the ASGI server reports the client gone (the body is already read, so the
+    only message left to receive is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def ensure_chain(state: GatewayState) -> None:

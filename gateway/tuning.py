@@ -226,9 +226,12 @@ class Runner:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def close(self) -> None:
+        """Stop and close a loop this runner made (a given loop belongs to its owner)."""
         if self._thread is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(5)
+            if not self._thread.is_alive():
+                self.loop.close()
 
 
 class _ThroughSwarm(torch.autograd.Function):
@@ -339,5 +342,12 @@ class PromptTuning(nn.Module):
                                                 "model": self.name})
 
     def close(self) -> None:
+        """Close the connections to the swarm and the client's event loop."""
         self.run(self.layers.close())
         self.run.close()
+
+    def __enter__(self) -> PromptTuning:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

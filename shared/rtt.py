@@ -5,28 +5,36 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 
 import httpx
 
-EMA = 0.2  # weight of a new sample: smooth enough to ignore one slow reply, quick to follow a move
+WINDOW = 8  # samples kept per peer: a move to a slower path shows after this many pings
 
 
 class RoundTrips:
-    """Exponential moving averages of RTTs, in seconds, by server id."""
+    """RTTs in seconds by server id: the minimum of each peer's last WINDOW samples.
+
+    A ping's time is the path's delay plus queueing at both ends (a busy event loop, a compute
+    thread holding the GIL); the minimum over a window keeps the path and drops the queueing,
+    which routing counts separately as load. Averages let one busy moment make an equal replica
+    look tens of milliseconds slower for many seconds."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._samples: dict[str, deque[float]] = {}
 
     def add(self, server_id: str, rtt_s: float) -> None:
-        old = self.seconds.get(server_id)
-        self.seconds[server_id] = rtt_s if old is None else EMA * rtt_s + (1 - EMA) * old
+        samples = self._samples.setdefault(server_id, deque(maxlen=WINDOW))
+        samples.append(rtt_s)
+        self.seconds[server_id] = min(samples)
 
     def get(self, server_id: str) -> float | None:
         return self.seconds.get(server_id)
 
     def keep_only(self, live: set[str]) -> None:
         for gone in [k for k in self.seconds if k not in live]:
-            del self.seconds[gone]
+            del self.seconds[gone], self._samples[gone]
 
     async def measure(self, client: httpx.AsyncClient, targets: dict[str, str], timeout_s: float = 2.0) -> None:
         """GET `{url}/health` of each target {server_id: url} at once and record the round trips.

@@ -20,28 +20,31 @@ def test_a_server_killed_mid_backward_changes_no_gradient(tiny_dir, tmp_path):
     try:
         swarm.start()
         swarm.wait_registered(4)
-        model = PromptTuning.connect(swarm.url, model=str(directory), prompt_length=P, deep=True)
-        with torch.no_grad():
-            model.soft_prompt.copy_(soft)
-            model.deep_prompts.copy_(deep)
-        killed = []
-        call = model.layers._call
-
-        async def kill_on_first_backward(hop, kind, *args, **kwargs):
-            if kind is protocol.Backward and hop.span.start == 2 and not killed:
-                victim = next(p for p in swarm.blockservers if p.url == hop.server.url)
-                victim.send_signal(signal.SIGKILL)
-                victim.wait(10)
-                killed.append(hop.server.server_id)
-            return await call(hop, kind, *args, **kwargs)
-
-        model.layers._call = kill_on_first_backward
-        ids, mask, labels = batch()
-        out = model(ids, mask, labels=labels)
-        out.loss.backward()
-        want = reference(directory, soft, deep, ids, mask, labels)
-        assert killed and model.layers.retries >= 1
-        assert rel(model.soft_prompt.grad, want[1]) < 1e-4 and rel(model.deep_prompts.grad, want[2]) < 1e-4
-        model.close()
+        with PromptTuning.connect(swarm.url, model=str(directory), prompt_length=P, deep=True) as model:
+            check_failover(swarm, model, directory, soft, deep)
     finally:
         swarm.stop()
+
+
+def check_failover(swarm, model, directory, soft, deep):
+    with torch.no_grad():
+        model.soft_prompt.copy_(soft)
+        model.deep_prompts.copy_(deep)
+    killed = []
+    call = model.layers._call
+
+    async def kill_on_first_backward(hop, kind, *args, **kwargs):
+        if kind is protocol.Backward and hop.span.start == 2 and not killed:
+            victim = next(p for p in swarm.blockservers if p.url == hop.server.url)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+            killed.append(hop.server.server_id)
+        return await call(hop, kind, *args, **kwargs)
+
+    model.layers._call = kill_on_first_backward
+    ids, mask, labels = batch()
+    out = model(ids, mask, labels=labels)
+    out.loss.backward()
+    want = reference(directory, soft, deep, ids, mask, labels)
+    assert killed and model.layers.retries >= 1
+    assert rel(model.soft_prompt.grad, want[1]) < 1e-4 and rel(model.deep_prompts.grad, want[2]) < 1e-4

@@ -13,6 +13,7 @@ from gateway.stops import releasable
 from shared import protocol
 from shared.errors import ProtocolError, Unavailable
 from shared.records import ServerInfo, ServerState, Span, even_spans
+from shared.rtt import WINDOW, RoundTrips
 
 
 # ---- stop strings
@@ -102,6 +103,18 @@ def test_route_chain_tiles_the_layers_and_spreads_load():
 
 
 # ---- frames
+def test_round_trips_keep_the_path_and_drop_queueing():
+    rtts = RoundTrips()
+    for sample in (0.002, 0.040, 0.003, 0.090):  # a busy host answers late now and then
+        rtts.add("a", sample)
+    assert rtts.get("a") == 0.002
+    for _ in range(WINDOW):  # the path itself got slower: followed once the window has passed
+        rtts.add("a", 0.050)
+    assert rtts.get("a") == 0.050
+    rtts.keep_only(set())
+    assert rtts.get("a") is None
+
+
 def test_frame_round_trip_and_rejections():
     hidden = torch.randn(2, 3, 8).to(torch.bfloat16)
     message = protocol.decode(protocol.encode(protocol.Step(step_id=4, position=7), {"hidden": hidden}), 1 << 20)
