@@ -324,9 +324,7 @@ class PromptTuning(nn.Module):
             mask = torch.cat([torch.ones(batch, length, dtype=torch.long), attention_mask.long()], dim=1)
         deep = self.deep_prompts if self.deep_prompts is not None else torch.zeros(0)
         out = _ThroughSwarm.apply(hidden, deep, self.layers, self.run, mask, self.deep_prompts is not None)
-        logits = self.ends.head(self.ends.norm(out[:, length:].to(self.ends.head.weight.dtype))).float()
-        if self.ends.softcap:
-            logits = torch.tanh(logits / self.ends.softcap) * self.ends.softcap
+        logits = self.ends.head_logits(out[:, length:])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),

@@ -13,11 +13,16 @@ def configs() -> dict:
     from transformers import (
         BloomConfig,
         FalconConfig,
+        Gemma2Config,
+        Gemma3TextConfig,
+        GraniteConfig,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
+        Phi3Config,
         Qwen2Config,
         Qwen3Config,
+        Qwen3MoeConfig,
     )
 
     llama_like = dict(COMMON, intermediate_size=96, num_hidden_layers=6, num_key_value_heads=2)
@@ -41,6 +46,20 @@ def configs() -> dict:
         # Falcon-RW style: ALiBi, sequential attention then MLP, full heads
         "falcon-rw": FalconConfig(**COMMON, num_hidden_layers=6, new_decoder_architecture=False,
                                   multi_query=False, parallel_attn=False, alibi=True, bias=True),
+        # Gemma 2: alternating 8-token windows, attention and final logit soft-capping, scaled embeddings
+        "gemma2": Gemma2Config(**llama_like, head_dim=16, sliding_window=8, attn_logit_softcapping=5.0,
+                               final_logit_softcapping=3.0, query_pre_attn_scalar=16),
+        # Gemma 3 (text): a rotary per layer type, sliding layers every one but each third
+        "gemma3": Gemma3TextConfig(**llama_like, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2),
+        # Phi-3: fused qkv and gate_up projections
+        "phi3": Phi3Config(**llama_like, tie_word_embeddings=False),
+        # Qwen3-MoE: experts on every layer but one dense MLP layer
+        "qwen3-moe": Qwen3MoeConfig(**llama_like, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=48, mlp_only_layers=[2], tie_word_embeddings=False),
+        # Granite: embedding, residual, attention and logit multipliers
+        "granite": GraniteConfig(**llama_like, embedding_multiplier=3.0, residual_multiplier=0.5,
+                                 attention_multiplier=0.2, logits_scaling=2.0, tie_word_embeddings=False),
     }
 
 

@@ -153,17 +153,26 @@ def _step_mask(full_mask: torch.Tensor, tokens: int, dtype: torch.dtype, window:
 
 
 def build_skeleton(config) -> nn.Module:
-    """The whole *ForCausalLM on the meta device: structure only, no memory."""
+    """The whole *ForCausalLM with its parameters on the meta device: structure only, no memory.
+    Buffers stay real: the few the checkpoint does not store (Gemma's embedding scale, rotary
+    frequencies) are computed by the modules themselves and would be lost on meta."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config)
 
 
 def materialize(module: nn.Module, tensors: dict[str, torch.Tensor], device, dtype: torch.dtype,
                 what: str) -> int:
-    """Replace a meta module's parameters and buffers by `tensors`; return the number of values loaded."""
-    expected = dict(module.named_parameters()) | dict(module.named_buffers())
+    """Replace a meta module's parameters and buffers by `tensors`; return the number of values loaded.
+    Buffers the skeleton computed itself (not on meta) only move to the device."""
+    computed = {n for n, b in module.named_buffers() if not b.is_meta}
+    for name in computed - set(tensors):
+        owner_path, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        owner._buffers[leaf] = owner._buffers[leaf].to(device)
+    expected = dict(module.named_parameters()) | {n: b for n, b in module.named_buffers() if n not in computed}
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise BadRequest(f"checkpoint lacks tensors of {what}: {missing[:5]}{' …' if len(missing) > 5 else ''}")
@@ -327,6 +336,8 @@ class ModelEnds(nn.Module):
         self.norm = modules["norm"]
         self.head = modules["head"]
         self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.logits_scaling = getattr(config, "logits_scaling", None)  # Granite divides its logits
+        self.embedding_multiplier = getattr(config, "embedding_multiplier", None)  # Granite scales inputs_embeds
 
     @torch.inference_mode()
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -337,13 +348,21 @@ class ModelEnds(nn.Module):
         """What the model does to input embeddings before its first layer (BLOOM's LayerNorm;
         nothing for most). It works per token, so a soft prompt [tokens, hidden] can go through it
         alone and be prepended, exactly as if it had been given as `inputs_embeds`."""
+        if self.embedding_multiplier not in (None, 1.0):
+            embeddings = embeddings * self.embedding_multiplier
         return self.embed_norm(embeddings) if self.embed_norm is not None else embeddings
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[batch, tokens, hidden] -> [batch, tokens, vocab] in float32."""
-        hidden = hidden.to(self.head.weight.dtype)
-        logits = self.head(self.norm(hidden)).float()
+        return self.head_logits(hidden)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`logits` with autograd (fine-tuning differentiates through the head): the final norm,
+        the LM head, then the family's logit transforms (Granite's scaling, Gemma 2's soft cap)."""
+        logits = self.head(self.norm(hidden.to(self.head.weight.dtype))).float()
+        if self.logits_scaling:
+            logits = logits / self.logits_scaling
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -18,6 +18,8 @@ sessions' solo steps up to float rounding (GEMM blocking differs with the batch 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -45,8 +47,8 @@ def corolla_attention(module, query, key, value, attention_mask, **kwargs):
 
     sessions = kwargs.pop("corolla_sessions", None)
     base = getattr(module.config, "corolla_base_attention", "sdpa")
-    if base == "eager":
-        from transformers.models.llama.modeling_llama import eager_attention_forward as attend
+    if base == "eager":  # the model's own (Gemma 2's soft-caps its scores)
+        attend = sys.modules[type(module).__module__].eager_attention_forward
     elif base == "sdpa" and query.shape[2] == 1 and not any(kwargs.get(k) is not None for k in ("softcap", "s_aux")):
         attend = decode_attention
     else:

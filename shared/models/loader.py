@@ -17,13 +17,15 @@ from shared.models.base import Family, LoadedSpan, ModelEnds, build_skeleton, ma
 from shared.models.checkpoint import Checkpoint
 from shared.models.families.bloom import BloomFamily
 from shared.models.families.falcon import FalconFamily
+from shared.models.families.gemma import GemmaFamily
 from shared.models.families.llama import LlamaFamily
-from shared.models.families.mixtral import MixtralFamily
+from shared.models.families.mixtral import MixtralFamily, Qwen3MoeFamily
 from shared.models.fingerprint import model_fingerprint
 
 log = logging.getLogger(__name__)
 
-FAMILIES: tuple[Family, ...] = (LlamaFamily(), MixtralFamily(), BloomFamily(), FalconFamily())
+FAMILIES: tuple[Family, ...] = (LlamaFamily(), MixtralFamily(), Qwen3MoeFamily(), GemmaFamily(), BloomFamily(),
+                                FalconFamily())
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 

@@ -1,4 +1,6 @@
-"""Llama-style decoders with rotary positions: Llama (and SmolLM2), Mistral, Qwen2, Qwen3.
+"""Llama-style decoders with rotary positions: Llama (and SmolLM2), Mistral, Qwen2, Qwen3, Phi-3
+(fused projections, as its checkpoints store them) and Granite (its residual and attention
+multipliers live in the layers; its embedding and logit multipliers at the ends, ModelEnds).
 
 Their layers take an additive mask, position ids and the (cos, sin) position embeddings that the
 decoder's rotary module computes once per step, and return a tensor. Sliding windows (Mistral on
@@ -13,7 +15,7 @@ from shared.models.masks import additive_mask, positions
 
 class LlamaFamily(Family):
     name = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
 
     def prepare(self, span: LoadedSpan, hidden: torch.Tensor, full_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> StepInputs:
