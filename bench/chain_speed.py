@@ -21,12 +21,12 @@ from common import corolla_up, model_reference, served_model
 PROMPT = [1, 450, 7483, 310, 3444, 338]  # 6 token ids, the same for every model and run
 
 
-def local_steps_per_s(model_dir: Path, dtype: str, tokens: int, threads: int) -> float:
+def local_steps_per_s(model_dir: Path, dtype: str, tokens: int, threads: int, device: str = "cpu") -> float:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    ids = torch.tensor([PROMPT])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    ids = torch.tensor([PROMPT], device=device)
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
     model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
     started = time.perf_counter()

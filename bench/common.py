@@ -44,11 +44,12 @@ def model_reference(name: str) -> tuple[Path, str]:
 
 
 @contextlib.contextmanager
-def corolla_up(model: str, servers: int, dtype: str, port: int, threads: int | None = None) -> Iterator[str]:
+def corolla_up(model: str, servers: int, dtype: str, port: int, threads: int | None = None,
+               extra: list[str] = ()) -> Iterator[str]:
     """`corolla up` in a child process; yields the gateway URL once the swarm is ready."""
     log = tempfile.NamedTemporaryFile("w+", prefix="corolla-bench-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "corolla", "up", "--model", model, "--servers", str(servers),
-               "--port", str(port), "--dtype", dtype]
+               "--port", str(port), "--dtype", dtype, *extra]
     if threads:
         command += ["--num-threads", str(threads)]
     # output to a file, not a pipe: a pipe nobody reads would block the swarm's processes

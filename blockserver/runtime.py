@@ -46,6 +46,7 @@ class Session:
     start: int  # the layers this session runs: [start, end), within the server's span
     end: int
     reserved: int  # tokens of room per row, taken from the budget
+    wire: str = "raw"  # codec of the hidden states this session's results carry
 
     @property
     def tokens(self) -> int:
@@ -135,7 +136,7 @@ class Runtime:
         needed = position + hidden.shape[1]
         if needed > session.reserved:  # take more pages first; a refusal leaves the session as it was
             room = self._room_for(needed, session.reserved, session.max_length)
-            await self.budget.take(session.batch_size * (room - session.reserved), self.alloc_timeout_s)
+            await self.budget.take(session.batch_size * (room - session.reserved), self.alloc_timeout_s, growth=True)
             if self.sessions.get(session.session_id) is not session:  # closed while we waited
                 self.budget.give(session.batch_size * (room - session.reserved))
                 raise BadRequest("the session was closed")

@@ -25,6 +25,7 @@ from shared.compute import ComputeThread
 from shared.dtypes import resolve_dtype
 from shared.loops import TaskSet, every
 from shared.models.loader import ModelFacts, layer_bytes, load_facts, load_span
+from shared.models.quant import check_quant
 from shared.models.resolve import DEFAULT_CACHE_DIR, resolve_model, served_name
 from shared.records import HEARTBEAT_PATH, SECRET_HEADER, SERVERS_PATH, ServerInfo, ServerState, Span
 from shared.rtt import RoundTrips
@@ -81,7 +82,8 @@ class Blockserver:
             network_tokens_per_s=tp.network_tokens_per_s if tp else 0.0,
             cache_tokens_left=runtime.cache_tokens_left if runtime else self.settings.cache_tokens,
             cache_tokens=self.settings.cache_tokens, sessions=len(runtime.open_sessions()) if runtime else 0,
-            dtype=runtime.layers.dtype_name if runtime else self.settings.dtype, version=corolla_version(),
+            dtype=runtime.layers.dtype_name if runtime else self.settings.dtype, quant=self.settings.quant,
+            version=corolla_version(),
             next_pings=dict(self.next_pings.seconds), ttl_s=3 * self.settings.heartbeat_interval_s)
 
     def announced_throughput(self) -> float:
@@ -94,13 +96,14 @@ class Blockserver:
     # ---- start-up
     async def start(self) -> None:
         s = self.settings
+        check_quant(s.quant, s.device)  # before minutes of conversion and measurement
         directory = await self.compute.run(resolve_model, s.model, s.cache_dir)  # may convert: torch work
         self.facts = await self.compute.run(load_facts, directory)
         self.model_name = s.model_name or served_name(s.model, directory)
         log.info("blockserver %s: model %s, fingerprint %s", self.server_id, self.model_name, self.fingerprint)
         if s.throughput is None:
             cache = Path(s.cache_dir or DEFAULT_CACHE_DIR) / "throughput.json"
-            self.throughput = await self.compute.run(measure, directory, s.device, s.dtype, cache)
+            self.throughput = await self.compute.run(measure, directory, s.device, s.dtype, cache, s.quant)
         if self.fixed_span is not None:
             span = self.fixed_span
         else:
@@ -146,7 +149,7 @@ class Blockserver:
                       f"({now - started:.1f}s)", file=sys.stderr, flush=True)
 
         loaded = await self.compute.run(load_span, self.facts.directory, span.start, span.end, self.settings.device,
-                                        self.settings.dtype, progress)
+                                        self.settings.dtype, progress, self.settings.quant)
         s = self.settings
         self.runtime = Runtime(loaded, s.cache_tokens, self.compute, s.prefill_chunk_tokens, s.cache_page_tokens,
                                s.alloc_timeout_s, s.batch_linger_s)
@@ -267,9 +270,10 @@ def _detail(response: httpx.Response) -> str:
 
 def layers_for_memory(facts: ModelFacts, settings: BlockserverSettings) -> int:
     """How many layers fit in --max-memory (default: half the machine's available memory), each with
-    its share of the KV-cache budget (the family's real KV bytes per token)."""
+    its weights as --quant stores them and its share of the KV-cache budget (the family's real KV
+    bytes per token, in the compute dtype: the cache is never quantized)."""
     dtype = resolve_dtype(settings.dtype, facts.config)
-    per_layer = layer_bytes(facts.config, dtype) + facts.kv_bytes_per_token(dtype) * settings.cache_tokens
+    per_layer = layer_bytes(facts.config, dtype, settings.quant) + facts.kv_bytes_per_token(dtype) * settings.cache_tokens
     budget = (settings.max_memory_gib * 2**30 if settings.max_memory_gib
               else psutil.virtual_memory().available / 2)
     return max(1, min(facts.num_layers, math.floor(budget / per_layer)))

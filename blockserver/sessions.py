@@ -89,6 +89,7 @@ class SessionHandler:
                 if session is not None:
                     raise BadRequest("this socket already has a session open")
                 session = await self._open(runtime, header)
+                session.wire = header.wire
                 return protocol.encode(Ready(session_id=session.session_id)), session
             case Step() as header:
                 if session is None:
@@ -102,7 +103,7 @@ class SessionHandler:
                 prompts = self._prompts(runtime, message.tensors, end - start, hidden.shape[1])
                 if isinstance(header, Forward):
                     out = await runtime.forward(hidden, mask, prompts, start, end)
-                    return protocol.encode(Result(), {"hidden": out.to(runtime.layers.dtype)}), session
+                    return protocol.encode(Result(), {"hidden": out.to(runtime.layers.dtype)}, header.wire), session
                 grad = message.tensors["grad"]
                 if grad.shape != hidden.shape or grad.dtype != hidden.dtype:
                     raise BadRequest(f"grad must be like hidden: {list(hidden.shape)} {runtime.layers.dtype_name}")
@@ -151,7 +152,8 @@ class SessionHandler:
             raise BadRequest(f"hypo_ids must be int64 [{session.batch_size}]")
         prompts = self._prompts(runtime, tensors, session.end - session.start, runtime.layers.context_length)
         out = await runtime.step(session, header.position, hidden, mask, hypo_ids, prompts)
-        return protocol.encode(Result(step_id=header.step_id, position=session.cache.length), {"hidden": out})
+        return protocol.encode(Result(step_id=header.step_id, position=session.cache.length), {"hidden": out},
+                               session.wire)
 
     @staticmethod
     def _hidden(runtime: Runtime, tensors: dict, batch_size: int | None, room: int) -> torch.Tensor:

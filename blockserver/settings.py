@@ -5,6 +5,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.dtypes import DtypeChoice
+from shared.models.quant import QuantMode
 from shared.records import Span
 
 
@@ -40,6 +41,10 @@ class BlockserverSettings(BaseSettings):
                                                      "http://myhost:31330")
     dtype: DtypeChoice = Field("auto", description="compute dtype ('auto': the checkpoint's)")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 …")
+    quant: QuantMode = Field("none", description="store the layers' weights quantized: int8 (CPU: weight-only int8, "
+                                                 "half of bf16's memory, as fast; CUDA: bitsandbytes LLM.int8) or "
+                                                 "nf4 (bitsandbytes 4-bit NormalFloat, a quarter of bf16's memory; "
+                                                 "slower than bf16 on CPU). Activations and the KV cache keep --dtype")
     cache_tokens: int = Field(16384, ge=1, description="KV-cache budget in tokens (batch x length summed over "
                                                        "open sessions)")
     cache_page_tokens: int = Field(128, ge=1, description="sessions take cache room in pages of this many tokens "

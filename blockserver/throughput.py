@@ -1,4 +1,4 @@
-"""How fast this server is: measured once per model, device and dtype on a random layer built from
+"""How fast this server is: measured once per model, device, dtype and quantization on a random layer built from
 the config, and cached (PETALS' throughput.py, without its network speed test). Decode speed is
 measured alone and with 16 sessions batched in one tick, since that is how a busy server runs."""
 
@@ -39,18 +39,18 @@ class Throughput:
         return min(self.batch_decode_tokens_per_s / ((num_layers + 1) / 2), self.network_tokens_per_s)
 
 
-def measure(model_dir: Path, device: str, dtype: str, cache_file: Path) -> Throughput:
-    """Cached by model, device and dtype; measured on the calling (compute) thread otherwise."""
+def measure(model_dir: Path, device: str, dtype: str, cache_file: Path, quant: str = "none") -> Throughput:
+    """Cached by model, device, dtype and quantization; measured on the calling (compute) thread otherwise."""
     config = load_config(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
-    key = f"{Path(model_dir).resolve()}|{device}|{torch_dtype}|v3"
+    key = f"{Path(model_dir).resolve()}|{device}|{torch_dtype}|{quant}|v3"
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_file.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
         if key in cached:
             return Throughput(**cached[key])
-        result = _measure(config, device, torch_dtype)
+        result = _measure(config, device, torch_dtype, quant)
         cached[key] = asdict(result)
         cache_file.write_text(json.dumps(cached, indent=1))
     log.info("measured throughput of %s: %s", key, result)
@@ -58,8 +58,8 @@ def measure(model_dir: Path, device: str, dtype: str, cache_file: Path) -> Throu
 
 
 @torch.inference_mode()
-def _measure(config, device: str, dtype: torch.dtype) -> Throughput:
-    span = random_layer(config, device, dtype)
+def _measure(config, device: str, dtype: torch.dtype, quant: str = "none") -> Throughput:
+    span = random_layer(config, device, dtype, quant)
     hidden = config.hidden_size
 
     def rate(tokens: int, steps: int) -> float:

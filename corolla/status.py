@@ -19,11 +19,12 @@ def render(snap: dict) -> str:
     width = max([len(s["server_id"]) for s in snap["servers"]] + [6])
     lines = [f"{snap['model']}: {n} layers, {len(snap['servers'])} servers, "
              + ("every layer served" if not snap["missing_layers"] else f"MISSING layers {snap['missing_layers']}"), ""]
-    lines.append(f"{'server':{width}}  {'layers':{n}}  span     state    tok/s  sessions  free cache     RTT")
+    lines.append(f"{'server':{width}}  {'layers':{n}}  span     state    weights        tok/s  sessions  free cache     RTT")
     for s in snap["servers"]:
         bar = "".join("█" if s["start"] <= i < s["end"] else "·" for i in range(n))
         rtt = "–" if s["rtt_ms"] is None else f"{s['rtt_ms']:.1f} ms"
-        lines.append(f"{s['server_id']:{width}}  {bar}  {s['start']:>3}:{s['end']:<3}  {s['state']:8} "
+        weights = s["dtype"] if s.get("quant", "none") == "none" else f"{s['dtype']} {s['quant']}"
+        lines.append(f"{s['server_id']:{width}}  {bar}  {s['start']:>3}:{s['end']:<3}  {s['state']:8} {weights:14} "
                      f"{s['throughput']:6.1f}  {s['sessions']:8d}  {s['cache_tokens_left']:10d}  {rtt:>7}")
     cover = "".join(str(c) if c < 10 else "+" for c in snap["coverage"])
     lines.append(f"{'per layer':{width}}  {cover}")

@@ -9,8 +9,10 @@ import sys
 import time
 
 from corolla.local import LocalSwarm
+from shared.codec import WIRE_CODECS
 from shared.dtypes import DTYPE_CHOICES
 from shared.models.loader import load_config, num_layers
+from shared.models.quant import QUANT_MODES
 from shared.models.resolve import resolve_model, served_name
 from shared.records import even_spans
 
@@ -27,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                         help="blockservers' compute dtype (default auto: the checkpoint's)")
+    parser.add_argument("--device", default="cpu", help="blockservers' torch device: cpu, cuda, cuda:1 … (default cpu; "
+                                                       "the gateway's embeddings and LM head stay on the CPU)")
+    parser.add_argument("--quant", default="none", choices=QUANT_MODES,
+                        help="blockservers' weight quantization (default none; see `corolla blockserver --help`)")
+    parser.add_argument("--wire-codec", default="raw", choices=WIRE_CODECS,
+                        help="how hidden states cross the network (default raw; see `corolla gateway --help`)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads of each process (default: the cores divided among the blockservers)")
     parser.add_argument("--api-key", default=None, help="require this API key at the gateway")
@@ -42,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
     common = ["--num-threads", str(threads)] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
     gateway_args = common + (["--dtype", args.dtype] if args.dtype != "auto" else [])
     gateway_args += ["--api-key", args.api_key] if args.api_key else []
+    gateway_args += ["--wire-codec", args.wire_codec] if args.wire_codec != "raw" else []
     swarm = LocalSwarm(args.model or "smollm2", gateway_args=gateway_args,
-                       blockserver_args=common + ["--dtype", args.dtype], model_name=name, host=args.host,
+                       blockserver_args=common + ["--dtype", args.dtype, "--quant", args.quant, "--device", args.device],
+                       model_name=name,
+                       host=args.host,
                        port=args.port)
     stop = _catch_signals()
     try:

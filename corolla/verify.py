@@ -12,6 +12,7 @@ import torch
 
 from shared.dtypes import DTYPE_CHOICES, dtype_name
 from shared.models.loader import load_config, load_ends, load_span, load_tokenizer, num_layers
+from shared.models.quant import QUANT_MODES
 from shared.models.resolve import resolve_model
 from shared.records import even_spans
 
@@ -19,13 +20,21 @@ DESCRIPTION = """\
 Split MODEL into N spans, run a prefill plus K greedy decode steps through them, and compare every
 step's logits with the same model run whole by transformers. Prints the largest logit difference
 and the greedy-token agreement; exits 1 when they differ beyond tolerance (float32: 1e-3 absolute;
-16-bit: 2.5% of the largest logit)."""
+16-bit: 2.5% of the largest logit).
+
+With --quant, the spans' weights are quantized as a blockserver's would be and compared with the
+unquantized model in the same dtype; quantization changes the model, so the bounds are wider:
+int8 within 10% of the largest logit, nf4 within 35%, and no decisive mismatch (a token whose
+reference lead exceeds the bound); greedy agreement is reported. 4-bit weights cost small models
+much more than large ones: SmolLM2-135M fails the nf4 bound (int8 is the mode for it)."""
 
 DEFAULT_PROMPT = "The capital of France is"
 # float32: the chain must agree with transformers to rounding noise. 16-bit dtypes round
 # differently when a prefill is split into steps, so their bound is relative to the logits' scale.
 FLOAT32_ATOL = 1e-3
 HALF_RTOL = 2.5e-2
+# quantized weights: the bound on |Δlogit| relative to the largest logit
+QUANT_BOUNDS = {"int8": 0.10, "nf4": 0.35}
 
 
 @dataclass
@@ -33,8 +42,10 @@ class VerifyReport:
     model: str
     spans: list[str]
     dtype: str
+    quant: str
     steps: int
     max_abs_diff: float
+    logit_scale: float  # the largest |logit| of the reference
     tolerance: float
     agreement: float  # fraction of steps whose argmax is the same
     decisive_mismatches: int  # argmax differs where the reference's top-2 margin exceeds the tolerance
@@ -50,8 +61,8 @@ class VerifyReport:
         verdict = "PASS" if self.ok else "FAIL"
         return "\n".join([
             f"model        {self.model}",
-            f"spans        {' '.join(self.spans)}   dtype {self.dtype}   decode steps {self.steps}",
-            f"max |Δlogit| {self.max_abs_diff:.3g}  (tolerance {self.tolerance:.3g})",
+            f"spans        {' '.join(self.spans)}   dtype {self.dtype}   quant {self.quant}   decode steps {self.steps}",
+            f"max |Δlogit| {self.max_abs_diff:.3g}  (tolerance {self.tolerance:.3g}; logits reach {self.logit_scale:.3g})",
             f"greedy agree {self.agreement:.1%}  ({self.decisive_mismatches} decisive mismatches)",
             f"reference    {self.reference_text!r}",
             f"chain        {self.chain_text!r}",
@@ -60,14 +71,15 @@ class VerifyReport:
 
 
 def verify_model(model_dir: Path, spans: int = 3, steps: int = 20, dtype: str = "float32",
-                 prompt: str = DEFAULT_PROMPT, device: str = "cpu") -> VerifyReport:
-    """Prefill `prompt` then `steps` greedy decode steps, teacher-forced on the reference's tokens."""
+                 prompt: str = DEFAULT_PROMPT, device: str = "cpu", quant: str = "none") -> VerifyReport:
+    """Prefill `prompt` then `steps` greedy decode steps, teacher-forced on the reference's tokens
+    (the unquantized model's, when `quant` quantizes the spans)."""
     from transformers import AutoModelForCausalLM
 
     started = time.monotonic()
     config = load_config(model_dir)
     layout = even_spans(num_layers(config), spans)
-    chain = [load_span(model_dir, s.start, s.end, device, dtype) for s in layout]
+    chain = [load_span(model_dir, s.start, s.end, device, dtype, quant=quant) for s in layout]
     ends = load_ends(model_dir, device, dtype)
     torch_dtype = chain[0].dtype
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
@@ -93,7 +105,10 @@ def verify_model(model_dir: Path, spans: int = 3, steps: int = 20, dtype: str = 
         chain_tokens.append(chain_token)
         new = torch.tensor([[ref_token]], device=device)
         ids = torch.cat([ids, new], dim=1)
-    tolerance = FLOAT32_ATOL if torch_dtype == torch.float32 else HALF_RTOL * scale
+    if quant in QUANT_BOUNDS:
+        tolerance = QUANT_BOUNDS[quant] * scale
+    else:
+        tolerance = FLOAT32_ATOL if torch_dtype == torch.float32 else HALF_RTOL * scale
     for got, want in comparisons:
         max_diff = max(max_diff, (got - want).abs().max().item())
         if int(got.argmax()) == int(want.argmax()):
@@ -104,8 +119,8 @@ def verify_model(model_dir: Path, spans: int = 3, steps: int = 20, dtype: str = 
     tokenizer = load_tokenizer(model_dir)
     decode = tokenizer.decode if tokenizer is not None else str
     return VerifyReport(
-        model=str(model_dir), spans=[str(s) for s in layout], dtype=dtype_name(torch_dtype), steps=steps,
-        max_abs_diff=max_diff, tolerance=tolerance, agreement=agree / len(comparisons),
+        model=str(model_dir), spans=[str(s) for s in layout], dtype=dtype_name(torch_dtype), quant=quant, steps=steps,
+        max_abs_diff=max_diff, logit_scale=scale, tolerance=tolerance, agreement=agree / len(comparisons),
         decisive_mismatches=decisive, reference_text=decode(ref_tokens), chain_text=decode(chain_tokens),
         seconds=time.monotonic() - started,
     )
@@ -128,12 +143,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="dtype of both runs (default float32)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt to start from")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--quant", default="none", choices=QUANT_MODES,
+                        help="quantize the spans' weights as a blockserver with --quant would (default none)")
     parser.add_argument("--cache-dir", default=None, help="where converted models are kept (default ~/.cache/corolla)")
 
 
 def run(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.model, args.cache_dir)
     report = verify_model(model_dir, spans=args.spans, steps=args.steps, dtype=args.dtype, prompt=args.prompt,
-                          device=args.device)
+                          device=args.device, quant=args.quant)
     print(report.render())
     return 0 if report.ok else 1

@@ -66,6 +66,7 @@ class ChainConfig:
     failover: bool = True
     max_frame_bytes: int = 64 * 2**20
     step_chunk_tokens: int = 512  # token-rows per frame of a long step
+    wire_codec: str = "raw"  # how hidden states cross the network both ways (shared/codec.py)
     max_history_mib: float = 512.0  # per session; beyond it a failure is repaired by recomputing
 
     @classmethod
@@ -104,7 +105,8 @@ class HopSession:
             raise SessionLost(f"{self.server.server_id}: no connection within {self.config.connect_timeout_s}s") from exc
         await self._call(protocol.Open(session_id=self.session_id, model=model, span=[self.span.start, self.span.end],
                                        batch_size=batch_size, max_length=max_length, dtype=self.server.dtype,
-                                       reserve_length=min(reserve_length, max_length)), None, protocol.Ready)
+                                       reserve_length=min(reserve_length, max_length), wire=self.config.wire_codec),
+                         None, protocol.Ready)
 
     async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """hidden: [batch, tokens, hidden] -> the hop's output, same shape. Sent in chunks of at
@@ -138,7 +140,8 @@ class HopSession:
 
     async def _call(self, header: protocol.Header, tensors, expected: type[protocol.Header]) -> protocol.Message:
         try:
-            await asyncio.wait_for(self.channel.send(protocol.encode(header, tensors)), self.config.step_timeout_s)
+            await asyncio.wait_for(self.channel.send(protocol.encode(header, tensors, self.config.wire_codec)),
+                                   self.config.step_timeout_s)
             data = await asyncio.wait_for(self.channel.recv(), self.config.step_timeout_s)
         except TimeoutError as exc:
             raise SessionLost(f"{self.server.server_id} gave no reply within {self.config.step_timeout_s}s") from exc

@@ -1,6 +1,8 @@
 """Settings of a gateway, built once in __main__ (env prefix COROLLA_GATEWAY_). Each field's
 description is its `--help` text (shared/flags.py)."""
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -37,6 +39,10 @@ class GatewaySettings(BaseSettings):
     step_chunk_tokens: int = Field(512, ge=1, description="long steps (prompts, failover replays) go to the "
                                                           "blockservers in frames of at most this many token-rows, "
                                                           "each under its own step timeout")
+    wire_codec: Literal["raw", "dyn8"] = Field("raw", description="how hidden states cross the network: raw (exact) "
+                                                                  "or dyn8 (8-bit blockwise, about half of bf16's "
+                                                                  "bytes; logits move by a few percent of their range; "
+                                                                  "never the KV cache nor gradients)")
     max_history_mib: float = Field(512.0, ge=0, description="input history a session keeps for failover; beyond "
                                                             "it a failed hop is repaired by recomputing the sequence")
     batch_linger_s: float = Field(0.01, ge=0, le=1, description="a sampling tick may wait this long for other "

@@ -117,7 +117,7 @@ function draw(snap) {
   const head = table.insertRow();
   head.appendChild(cell("th", "server"));
   for (let i = 0; i < n; i++) head.appendChild(cell("th", String(i)));
-  for (const h of ["span", "state", "tok/s", "sessions", "free cache", "RTT"]) head.appendChild(cell("th", h));
+  for (const h of ["span", "state", "weights", "tok/s", "sessions", "free cache", "RTT"]) head.appendChild(cell("th", h));
   for (const s of snap.servers) {
     const row = table.insertRow();
     const id = cell("th", undefined, "id");
@@ -132,6 +132,7 @@ function draw(snap) {
     }
     row.appendChild(cell("td", s.start + ":" + s.end, "num"));
     row.appendChild(cell("td", s.state + (s.banned ? " (banned)" : "")));
+    row.appendChild(cell("td", s.quant === "none" ? s.dtype : s.dtype + " · " + s.quant));
     row.appendChild(cell("td", s.throughput.toFixed(1), "num"));
     row.appendChild(cell("td", String(s.sessions), "num"));
     row.appendChild(cell("td", String(s.cache_tokens_left), "num"));

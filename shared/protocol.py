@@ -1,20 +1,22 @@
 """The gateway ⇄ blockserver wire protocol: one message per WebSocket binary frame.
 
-A frame is `u32 header length (big-endian) | msgpack header | raw tensor bytes`. The header is a
+A frame is `u32 header length (big-endian) | msgpack header | tensor bytes`. The header is a
 map with a `type`, the message's fields, and `tensors`: each tensor's name, dtype, shape, codec
-and byte length, in the order their bytes follow. No pickle, ever.
+and byte length, in the order their bytes follow. No pickle, ever. A tensor's codec is `raw`
+(its bytes) or, for hidden states of a session or forward opened with `wire: dyn8`, `dyn8`
+(8-bit blockwise, shared/codec.py).
 
 Every message type is a frozen pydantic model below; `decode` validates the header against it
 (unknown types, unknown fields, wrong types and unexpected tensors are refused) and checks every
 tensor descriptor before any tensor is built. The receiver then checks shapes against its session.
 
 Messages of an inference session (DESIGN.md section 4), one WebSocket per session per server:
-    Open   {session_id, model, span, max_length, batch_size, dtype, reserve_length?} -> Ready | Error
+    Open   {session_id, model, span, max_length, batch_size, dtype, reserve_length?, wire?} -> Ready | Error
     Step   {step_id, position}  hidden[B,T,H] mask?[B,T] hypo_ids?[B] prompts?[L,P,H]
                                                           -> Result{step_id, position} hidden | Error
     Close  {}
 Stateless, on any socket (scoring and fine-tuning; nothing is kept between calls):
-    Forward  {model, span}  hidden[B,T,H] mask?[B,T] prompts?[L,P,H]          -> Result hidden
+    Forward  {model, span, wire?}  hidden[B,T,H] mask?[B,T] prompts?[L,P,H]   -> Result hidden
     Backward {model, span}  hidden[B,T,H] grad[B,T,H] mask?[B,T] prompts?[L,P,H]
                                                           -> Result grad[B,T,H] grad_prompts?[L,P,H]
 `prompts` are deep prompts, one [P, H] per layer of the span, added before that layer to the hidden
@@ -32,6 +34,7 @@ import msgpack
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
 
+from shared.codec import WIRE_CODECS, compress, decompress, payload_bytes
 from shared.errors import ProtocolError
 
 WIRE_DTYPES = {
@@ -39,6 +42,7 @@ WIRE_DTYPES = {
     "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool,
 }
 WIRE_DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+COMPRESSIBLE = frozenset({torch.float32, torch.bfloat16, torch.float16})
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 8
 MAX_DIMS = 4
@@ -69,6 +73,7 @@ class Open(Header):
     dtype: ComputeDtype
     reserve_length: Annotated[StrictInt, Field(ge=1)] | None = None  # room to reserve now (default max_length);
     # the server takes more, in pages, as the session grows
+    wire: Literal["raw", "dyn8"] = "raw"  # how the session's results carry hidden states (shared/codec.py)
 
 
 class Ready(Header):
@@ -100,6 +105,7 @@ class Forward(Header):
     type: Literal["forward"] = "forward"
     model: Annotated[StrictStr, Field(min_length=1, max_length=128)]
     span: LayerRange
+    wire: Literal["raw", "dyn8"] = "raw"
     required_tensors = frozenset({"hidden"})
     optional_tensors = frozenset({"mask", "prompts"})
 
@@ -134,14 +140,22 @@ class Message:
         return self.header.type
 
 
-def encode(header: Header, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+def encode(header: Header, tensors: dict[str, torch.Tensor] | None = None, codec: str = "raw",
+           compressed: frozenset[str] = frozenset({"hidden"})) -> bytes:
+    """A frame of `header` and `tensors`; with codec "dyn8", the floating tensors named in
+    `compressed` (hidden states; never gradients) travel as dyn8 (shared/codec.py)."""
     descriptors, payloads = [], []
     for name, tensor in (tensors or {}).items():
         tensor = tensor.detach().contiguous().cpu()
-        raw = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        payload = None
+        if codec == "dyn8" and name in compressed and tensor.dtype in COMPRESSIBLE:
+            payload = compress(tensor)  # None: non-finite values go raw, to be seen as such
+        used = "raw" if payload is None else codec
+        if payload is None:
+            payload = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
         descriptors.append({"name": name, "dtype": WIRE_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                            "codec": "raw", "nbytes": len(raw)})
-        payloads.append(raw)
+                            "codec": used, "nbytes": len(payload)})
+        payloads.append(payload)
     fields = header.model_dump(mode="python")
     packed = msgpack.packb(fields | {"tensors": descriptors}, use_bin_type=True)
     return b"".join([_LENGTH.pack(len(packed)), packed, *payloads])
@@ -183,15 +197,21 @@ def decode(frame: bytes, max_frame_bytes: int) -> Message:
     tensors: dict[str, torch.Tensor] = {}
     allowed = header.required_tensors | header.optional_tensors
     for d in descriptors:
-        name, dtype, shape, nbytes = _check_descriptor(d)
+        name, dtype, shape, nbytes, codec = _check_descriptor(d)
         if name not in allowed or name in tensors:
             raise ProtocolError(f"a {header.type} message carries no tensor {name!r} "
                                 f"(allowed: {', '.join(sorted(allowed)) or 'none'})")
         if offset + nbytes > len(frame):
             raise ProtocolError(f"tensor {name!r} runs past the end of the frame")
-        buffer = bytearray(frame[offset:offset + nbytes])
-        flat = torch.frombuffer(buffer, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.reshape(shape)
+        if codec == "dyn8":
+            try:
+                tensors[name] = decompress(memoryview(frame)[offset:offset + nbytes], shape, dtype)
+            except ValueError as exc:
+                raise ProtocolError(f"tensor {name!r}: {exc}") from None
+        else:
+            buffer = bytearray(frame[offset:offset + nbytes])
+            flat = torch.frombuffer(buffer, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(shape)
         offset += nbytes
     if offset != len(frame):
         raise ProtocolError(f"{len(frame) - offset} stray bytes after the tensors")
@@ -201,12 +221,15 @@ def decode(frame: bytes, max_frame_bytes: int) -> Message:
     return Message(header, tensors)
 
 
-def _check_descriptor(d) -> tuple[str, torch.dtype, list[int], int]:
+def _check_descriptor(d) -> tuple[str, torch.dtype, list[int], int, str]:
     if not isinstance(d, dict):
         raise ProtocolError("a tensor descriptor must be a map")
     name, dtype_name, shape, nbytes = d.get("name"), d.get("dtype"), d.get("shape"), d.get("nbytes")
-    if not isinstance(name, str) or dtype_name not in WIRE_DTYPES or d.get("codec", "raw") != "raw":
-        raise ProtocolError(f"bad tensor descriptor {d!r} (dtypes: {', '.join(WIRE_DTYPES)}; codec: raw)")
+    codec = d.get("codec", "raw")
+    if not isinstance(name, str) or dtype_name not in WIRE_DTYPES or codec not in WIRE_CODECS or \
+            (codec == "dyn8" and WIRE_DTYPES[dtype_name] not in COMPRESSIBLE):
+        raise ProtocolError(f"bad tensor descriptor {d!r} (dtypes: {', '.join(WIRE_DTYPES)}; codecs: "
+                            f"{', '.join(WIRE_CODECS)}, dyn8 for floating tensors only)")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
         raise ProtocolError(f"bad shape {shape!r} for tensor {name!r}")
@@ -214,6 +237,8 @@ def _check_descriptor(d) -> tuple[str, torch.dtype, list[int], int]:
     numel = 1
     for s in shape:
         numel *= s
-    if not isinstance(nbytes, int) or nbytes != numel * dtype.itemsize:
-        raise ProtocolError(f"tensor {name!r}: {nbytes!r} bytes do not match shape {shape} of {dtype_name}")
-    return name, dtype, shape, nbytes
+    want = payload_bytes(numel) if codec == "dyn8" else numel * dtype.itemsize
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes != want:
+        raise ProtocolError(f"tensor {name!r}: {nbytes!r} bytes do not match shape {shape} of {dtype_name} "
+                            f"({codec})")
+    return name, dtype, shape, nbytes, codec

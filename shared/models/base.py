@@ -193,8 +193,10 @@ class LoadedSpan:
     """Layers [start, end) of one model, on one device, in one dtype, ready to run steps."""
 
     def __init__(self, family: Family, config, start: int, end: int, layers: nn.ModuleList,
-                 rotary: nn.Module | None, device: torch.device, dtype: torch.dtype, loaded_values: int):
+                 rotary: nn.Module | None, device: torch.device, dtype: torch.dtype, loaded_values: int,
+                 quant: str = "none"):
         self.family, self.config = family, config
+        self.quant = quant  # how the layers' Linear weights are stored (shared/models/quant.py)
         self.start, self.end = start, end
         self.layers, self.rotary = layers, rotary
         self.device, self.dtype = device, dtype

@@ -21,6 +21,7 @@ from shared.models.families.gemma import GemmaFamily
 from shared.models.families.llama import LlamaFamily
 from shared.models.families.mixtral import MixtralFamily, Qwen3MoeFamily
 from shared.models.fingerprint import model_fingerprint
+from shared.models.quant import check_quant, module_bytes, quantize_layer
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,12 @@ def load_facts(model_dir: Path) -> ModelFacts:
 
 
 def load_span(model_dir: Path, start: int, end: int, device: str | torch.device = "cpu",
-              dtype: str = "auto", progress=None) -> LoadedSpan:
-    """Load layers [start, end) of the model in `model_dir`.
+              dtype: str = "auto", progress=None, quant: str = "none") -> LoadedSpan:
+    """Load layers [start, end) of the model in `model_dir`, their Linear weights quantized as
+    `quant` says (shared/models/quant.py).
 
     `progress(done, total)` is called after each layer (for loading bars)."""
+    check_quant(quant, device)
     config = load_config(model_dir)
     family = family_for(config)
     n = num_layers(config)
@@ -100,7 +103,11 @@ def load_span(model_dir: Path, start: int, end: int, device: str | torch.device 
         layer = all_layers[index]
         names = [n for n, _ in layer.named_parameters()] + [n for n, _ in layer.named_buffers()]
         tensors = family.layer_tensors(checkpoint, index, names)
-        loaded += materialize(layer, tensors, device, torch_dtype, f"layer {index}")
+        if quant == "none":
+            loaded += materialize(layer, tensors, device, torch_dtype, f"layer {index}")
+        else:  # quantized on the CPU, one layer at a time, then moved
+            loaded += materialize(layer, tensors, "cpu", torch_dtype, f"layer {index}")
+            quantize_layer(layer, quant, device, torch_dtype)
         layer.eval()
         layers.append(layer)
         if progress is not None:
@@ -108,28 +115,28 @@ def load_span(model_dir: Path, start: int, end: int, device: str | torch.device 
     checkpoint.close()
     rotary = family.rotary(skeleton, config, device)
     del skeleton, all_layers
-    log.info("loaded layers [%d, %d) of %s (%s, %s) in %.1fs", start, end, model_dir, torch_dtype, device,
-             time.monotonic() - started)
-    return LoadedSpan(family, config, start, end, layers, rotary, device, torch_dtype, loaded)
+    log.info("loaded layers [%d, %d) of %s (%s, %s, quant %s) in %.1fs", start, end, model_dir, torch_dtype, device,
+             quant, time.monotonic() - started)
+    return LoadedSpan(family, config, start, end, layers, rotary, device, torch_dtype, loaded, quant)
 
 
-def random_layer(config, device: str | torch.device, dtype: torch.dtype) -> LoadedSpan:
+def random_layer(config, device: str | torch.device, dtype: torch.dtype, quant: str = "none") -> LoadedSpan:
     """A one-layer span of layer 0's shape with random weights: the throughput probe's subject."""
     family = family_for(config)
     skeleton = build_skeleton(config)
     layer = skeleton.get_submodule(family.layers_path)[0]
-    layer.to_empty(device=device)
+    layer.to_empty(device="cpu")
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    layer.to(dtype).eval().requires_grad_(False)
+    layer = quantize_layer(layer.to(dtype), quant, device, dtype).eval().requires_grad_(False)
     return LoadedSpan(family, skeleton.config, 0, 1, torch.nn.ModuleList([layer]),
-                      family.rotary(skeleton, skeleton.config, device), torch.device(device), dtype, 0)
+                      family.rotary(skeleton, skeleton.config, device), torch.device(device), dtype, 0, quant)
 
 
-def layer_bytes(config, dtype: torch.dtype) -> int:
-    """Bytes of one decoder layer's weights in `dtype` (from the config; nothing is allocated)."""
-    layer = build_skeleton(config).get_submodule(family_for(config).layers_path)[0]
-    return sum(p.numel() for p in layer.parameters()) * dtype.itemsize
+def layer_bytes(config, dtype: torch.dtype, quant: str = "none") -> int:
+    """Bytes of one decoder layer's weights in `dtype` and quantization `quant` (from the config;
+    nothing is allocated)."""
+    return module_bytes(build_skeleton(config).get_submodule(family_for(config).layers_path)[0], quant, dtype)
 
 
 def load_ends(model_dir: Path, device: str | torch.device = "cpu", dtype: str = "auto") -> ModelEnds:

@@ -33,8 +33,9 @@ def test_a_full_cache_queues_the_request_and_bans_nobody(tiny_dir):
         async with in_process_swarm(tiny_dir("llama"), {"a": "0:3", "b": "3:6"}) as roomy:
             alone = [(await complete(roomy, p, max_tokens=10)).json()["choices"][0]["text"] for p in long_prompts]
         # pages of 16: each prompt takes 32 tokens of a 48-token budget, so the second waits its turn
+        # and a server gives up on room after 1 ms, well before the first answer is done
         async with in_process_swarm(tiny_dir("llama"), {"a": "0:3", "b": "3:6"}, cache_tokens=48,
-                                    cache_page_tokens=16, alloc_timeout_s=0.05) as swarm:
+                                    cache_page_tokens=16, alloc_timeout_s=0.001) as swarm:
             first = asyncio.create_task(complete(swarm, long_prompts[0], max_tokens=10))
             while not swarm.state.swarm.load:  # the first holds its chain
                 await asyncio.sleep(0.001)

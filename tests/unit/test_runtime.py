@@ -136,3 +136,29 @@ def test_a_session_may_run_part_of_the_span(tiny_dir):
     middle = whole.step(hidden, whole.new_cache(1, 8), end=2)
     torch.testing.assert_close(whole.step(middle, whole.new_cache(1, 8), start=2), part.step(middle, part.new_cache(1, 8)),
                                atol=1e-6, rtol=0)
+
+
+def test_a_running_session_growing_goes_before_new_work():
+    """A new open waiting for room must not starve a running session's next page (which would be
+    refused with cache_full and the session preempted): growth is served first, opens in order."""
+    from blockserver.budget import CacheBudget
+
+    async def scenario():
+        budget = CacheBudget(48)
+        await budget.take(32, 1.0)  # a running session
+        order = []
+
+        async def take(name, tokens, growth=False):
+            await budget.take(tokens, 1.0, growth=growth)
+            order.append(name)
+
+        opening = asyncio.create_task(take("open", 32))  # waits: 16 free
+        await asyncio.sleep(0)
+        await take("growth", 16, growth=True)  # goes past the waiting open, at once
+        budget.give(48)  # the running session ends
+        await opening
+        with pytest.raises(CacheFull):
+            await budget.take(32, 0.01)
+        return order, budget.left
+
+    assert asyncio.run(scenario()) == (["growth", "open"], 16)
