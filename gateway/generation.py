@@ -17,6 +17,7 @@ from gateway.model import GatewayModel
 from gateway.requests import GenerationRequest
 from gateway.stops import releasable
 from gateway.swarm import Swarm
+from gateway.tuning import RemoteLayers
 from shared.errors import CacheFull
 
 log = logging.getLogger(__name__)
@@ -25,15 +26,27 @@ FinishReason = Literal["stop", "length"]
 
 
 @dataclass
+class TokenLogprob:
+    """One token of a choice with its log-probability (None for a prompt's first token) and the
+    most likely alternatives at its position (token id, log-probability)."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class TextDelta:
     index: int
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens this text comes from (when asked)
 
 
 @dataclass
 class Finished:
     index: int
     reason: FinishReason
+    cumulative_logprob: float = 0.0  # of every generated token (EOS included), when scored
 
 
 @dataclass
@@ -55,6 +68,8 @@ class _Choice:
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already sent
     reason: FinishReason | None = None
+    pending: list[TokenLogprob] = field(default_factory=list)  # scored tokens not yet sent
+    cumulative: float = 0.0
 
 
 class Generation:
@@ -113,21 +128,35 @@ class Generation:
         request, model = self.request, self.model
         choices = [_Choice(i) for i in range(len(self.rows))]
         usage = Usage(sum(len(p) for p in request.prompts), 0)
+        sequence, mask = self.ids, self.mask  # every token fed so far (and the mask of every position)
         if request.max_tokens == 0:
+            if request.echo:
+                hidden = None
+                if request.logprobs is not None:
+                    hidden = await self._stateless_pass(sequence, mask)
+                for event in await self._echo(hidden):
+                    yield event
             for c in choices:
                 yield Finished(c.index, "length")
             yield usage
             return
         generator = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
         counts = torch.zeros(len(self.rows), model.vocab_size)
-        sequence, mask = self.ids, self.mask  # every token fed so far (and the mask of every position)
         hidden = await self._step(await self._embed(sequence), mask, sequence, mask)
+        if request.echo:  # the prefill's hidden states score the prompt: no pass of its own
+            for event in await self._echo(hidden):
+                yield event
         while True:
-            chosen, embedded = await model.sample(hidden[:, -1:], counts, request.params, generator, client=self)
+            chosen, embedded, scores = await model.sample(hidden[:, -1:], counts, request.params, generator,
+                                                          client=self, logprobs=request.logprobs)
             tokens = chosen.tolist()
-            for choice, token in zip(choices, tokens):
+            for row, (choice, token) in enumerate(zip(choices, tokens)):
                 if choice.reason is not None:
                     continue
+                if scores is not None:
+                    choice.cumulative += float(scores.chosen[row])
+                    if token not in model.eos_ids:
+                        choice.pending.append(_scored(token, scores, row))
                 for event in _advance(choice, token, request, model, counts):
                     yield event
             if all(c.reason is not None for c in choices):
@@ -156,6 +185,43 @@ class Generation:
                 self.session = await self.admission.admit(lambda: self._open(sequence.shape[1]), front=True)
                 embedded, mask = await self._embed(sequence), padded  # recomputed on the new chain
 
+    async def _echo(self, hidden: torch.Tensor | None) -> list[TextDelta]:
+        """Each row's prompt as the start of its text; scored from the last layer's `hidden`
+        [rows, positions, hidden] when logprobs are asked for (the first token has none)."""
+        request, virtual = self.request, self.request.virtual_tokens
+        scored = None
+        if hidden is not None:
+            firsts = list(range(0, len(self.rows), request.n))  # the rows of one prompt share its scores
+            scored = await self.model.score(hidden[firsts, virtual:], self.ids[firsts], request.logprobs)
+        deltas = []
+        for row, prompt in enumerate(self.rows):
+            entries = []
+            if scored is not None:
+                p, width = row // request.n, len(prompt)
+                entries = [TokenLogprob(prompt[0], None)]
+                offset = self.ids.shape[1] - width  # left padding
+                for i in range(1, width):
+                    position = offset + i - 1
+                    entries.append(TokenLogprob(prompt[i], float(scored.chosen[p, position]),
+                                                list(zip(scored.top_ids[p, position].tolist(),
+                                                         scored.top_values[p, position].tolist()))))
+            deltas.append(TextDelta(row, request.prompt_texts[row // request.n], entries))
+        return deltas
+
+    async def _stateless_pass(self, sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The whole prompt through every layer in one parallel pass that nothing is kept of on the
+        servers (no session, no cache), rerouted on failures like fine-tuning's passes."""
+        async def no_records() -> list:
+            return []  # the gateway's own registry is the swarm's view already
+        remote = RemoteLayers(self.swarm, no_records, self.connect, self.config.step_timeout_s,
+                              self.config.failover_timeout_s, self.config.max_frame_bytes)
+        try:
+            padded = mask if bool((mask == 0).any()) else None
+            hidden, _ = await remote.forward(await self._embed(sequence), padded, self.deep)
+            return hidden
+        finally:
+            await remote.close()
+
     async def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings of a whole sequence [rows, tokens], after the soft prompt when there is one."""
         embedded = await self.model.embed(ids)
@@ -180,11 +246,16 @@ def _advance(choice: _Choice, token: int, request: GenerationRequest, model: Gat
         choice.reason = "stop"
     elif choice.reason is not None:
         end = len(text)  # the last piece: nothing more can complete a stop string
-    if end > choice.sent:
-        yield TextDelta(choice.index, text[choice.sent:end])
-        choice.sent = end
+    if end > choice.sent or (choice.reason is not None and choice.pending):
+        yield TextDelta(choice.index, text[choice.sent:end], choice.pending)
+        choice.sent, choice.pending = max(end, choice.sent), []
     if choice.reason is not None:
-        yield Finished(choice.index, choice.reason)
+        yield Finished(choice.index, choice.reason, choice.cumulative)
+
+
+def _scored(token: int, scores, row: int) -> TokenLogprob:
+    return TokenLogprob(token, float(scores.chosen[row]),
+                        list(zip(scores.top_ids[row].tolist(), scores.top_values[row].tolist())))
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,17 +7,43 @@ sampled with its own parameters, and the chosen tokens embedded together for the
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from gateway.adapters import PromptAdapter, load_adapter
-from gateway.sampling import SamplingParams, choose_tokens
+from gateway.sampling import SamplingParams, choose_tokens, token_logprobs
 from shared.compute import ComputeThread
 from shared.errors import BadRequest
 from shared.models.base import ModelEnds
 from shared.models.loader import ModelFacts, eos_ids, load_ends, load_facts, load_tokenizer
 from shared.ticks import Linger, Ticker
+
+log = logging.getLogger(__name__)
+
+
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k")  # what a generation_config.json may set for a request
+
+
+def sampling_defaults(directory: Path, source: str) -> dict[str, float]:
+    """The sampling parameters a model's authors set in its generation_config.json (only those
+    written there, not transformers' own defaults), as vLLM applies them; {} for source 'none'."""
+    if source == "none":
+        return {}
+    folder = Path(directory) if source == "auto" else Path(source)
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        if source != "auto":
+            raise BadRequest(f"--generation-config {source}: no generation_config.json there")
+        return {}
+    written = json.loads(path.read_text())
+    found = {k: float(written[k]) for k in SAMPLING_DEFAULTS if isinstance(written.get(k), int | float)}
+    if found:
+        log.info("sampling defaults from %s: %s (--generation-config none to use OpenAI's)", path, found)
+    return found
 
 
 @dataclass(eq=False)
@@ -28,6 +54,16 @@ class Sample:
     counts: torch.Tensor  # [rows, vocab] tokens generated so far (penalties)
     params: SamplingParams
     generator: torch.Generator | None
+    logprobs: int | None = None  # also score the chosen tokens, with this many alternatives
+
+
+@dataclass
+class Scores:
+    """Log-probabilities of chosen tokens [rows], and the most likely alternatives [rows, top]."""
+
+    chosen: torch.Tensor
+    top_values: torch.Tensor
+    top_ids: torch.Tensor
 
 
 @dataclass(eq=False)
@@ -46,6 +82,7 @@ class GatewayModel:
     compute: ComputeThread
     linger_s: float = 0.0
     adapters: dict[str, PromptAdapter] = field(default_factory=dict)  # tuned prompts served as model ids
+    sampling_defaults: dict[str, float] = field(default_factory=dict)  # from generation_config.json
     ticker: Ticker = field(init=False, repr=False)
     linger: Linger = field(init=False, repr=False)
 
@@ -56,7 +93,7 @@ class GatewayModel:
 
     @classmethod
     def load(cls, name: str, directory, dtype: str, compute: ComputeThread, linger_s: float = 0.0,
-             adapters: list[str] = ()) -> GatewayModel:
+             adapters: list[str] = (), generation_config: str = "auto") -> GatewayModel:
         """Runs on `compute`, the thread that will run the model. `adapters`: NAME=PATH of tuned prompts."""
         facts = load_facts(directory)
         tokenizer = load_tokenizer(directory)
@@ -71,7 +108,8 @@ class GatewayModel:
                 raise BadRequest(f"prompt adapter name {adapter.name!r} is already a model id here")
             loaded[adapter.name] = adapter
         return cls(name=name, facts=facts, ends=load_ends(directory, "cpu", dtype), tokenizer=tokenizer,
-                   eos_ids=eos, pad_id=int(pad), compute=compute, linger_s=linger_s, adapters=loaded)
+                   eos_ids=eos, pad_id=int(pad), compute=compute, linger_s=linger_s, adapters=loaded,
+                   sampling_defaults=sampling_defaults(directory, generation_config))
 
     async def prefix(self, adapter: PromptAdapter) -> torch.Tensor:
         """The adapter's soft prompt as the first layer receives it [P, hidden] (prepared like
@@ -110,11 +148,13 @@ class GatewayModel:
         return await self.ticker.submit(Embed(ids))
 
     async def sample(self, hidden: torch.Tensor, counts: torch.Tensor, params: SamplingParams,
-                     generator: torch.Generator | None, client: object = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden: [rows, 1, hidden] (the last position) -> the next token ids [rows] and their
-        embeddings [rows, 1, hidden], batched with every other generation waiting for its tokens.
-        `client` names the generation, so that ticks may wait for its peers (Linger)."""
-        item = Sample(hidden, counts, params, generator)
+                     generator: torch.Generator | None, client: object = None,
+                     logprobs: int | None = None) -> tuple[torch.Tensor, torch.Tensor, Scores | None]:
+        """hidden: [rows, 1, hidden] (the last position) -> the next token ids [rows], their
+        embeddings [rows, 1, hidden] and, when `logprobs` is given, their Scores; batched with every
+        other generation waiting for its tokens. `client` names the generation, so that ticks may
+        wait for its peers (Linger)."""
+        item = Sample(hidden, counts, params, generator, logprobs)
         self.linger.arrived(client if client is not None else item, item)
         return await self.ticker.submit(item)
 
@@ -133,14 +173,16 @@ class GatewayModel:
             for s, part in zip(samples, logits.split(rows)):
                 try:
                     tokens = choose_tokens(part, s.counts, s.params, s.generator)
-                    chosen.append(tokens)
+                    scores = None if s.logprobs is None else Scores(*token_logprobs(part, tokens, s.logprobs))
+                    chosen.append((tokens, scores))
                 except Exception as exc:  # one request's sampling error is its own
                     outcomes[id(s)] = exc
             good = [s for s in samples if id(s) not in outcomes]
             if good:
-                embedded = self.ends.embed_tokens(torch.cat(chosen)[:, None]).split([s.hidden.shape[0] for s in good])
-                for s, tokens, emb in zip(good, chosen, embedded):
-                    outcomes[id(s)] = (tokens, emb)
+                ids = torch.cat([tokens for tokens, _ in chosen])[:, None]
+                embedded = self.ends.embed_tokens(ids).split([s.hidden.shape[0] for s in good])
+                for s, (tokens, scores), emb in zip(good, chosen, embedded):
+                    outcomes[id(s)] = (tokens, emb, scores)
         for item in items:
             if isinstance(item, Embed):
                 try:
@@ -149,10 +191,29 @@ class GatewayModel:
                     outcomes[id(item)] = exc
         return [outcomes[id(i)] for i in items]
 
-    def decode(self, ids: list[int]) -> str:
+    async def score(self, hidden: torch.Tensor, ids: torch.Tensor, top: int) -> Scores:
+        """Log-probabilities of each token of `ids` [rows, T] after the one before it, from the
+        last layer's `hidden` [rows, T, hidden] (one LM-head product per row, on the compute
+        thread): Scores over [rows, T - 1] positions."""
+        def run() -> Scores:
+            parts = []
+            for row in range(ids.shape[0]):
+                logits = self.ends.logits(hidden[row:row + 1, :-1])[0]
+                parts.append(token_logprobs(logits, ids[row, 1:], top))
+            return Scores(*(torch.stack(p) for p in zip(*parts)))
+        return await self.run(run)
+
+    def token_text(self, token: int) -> str:
+        """One token as text (its own decoding, special tokens included, as OpenAI reports tokens)."""
+        if self.tokenizer is None:
+            return f"<{token}>"
+        return self.tokenizer.decode([token])
+
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        """Text of `ids`; special tokens (BOS, EOS, ...) dropped unless `special`."""
         if self.tokenizer is None:
             return "".join(f"<{i}>" for i in ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=not special)
 
     async def close(self) -> None:
         await self.ticker.close()

@@ -81,7 +81,9 @@ async def respond(wanted: GenerationRequest, body: CompletionRequest | ChatReque
     ensure_chain(state)
     fit_to_swarm(wanted, state.swarm.largest_session(), "messages" if chat else "prompt")
     generation = Generation(wanted, state.model, state.swarm, state.chain_config, state.connect, state.admission)
-    shaper = OpenAIShaper("chatcmpl" if chat else "cmpl", body.model, wanted.rows, body)
+    shaper = OpenAIShaper("chatcmpl" if chat else "cmpl", body.model, wanted.rows, body, scored=wanted.scored,
+                          token_text=state.model.token_text, n=wanted.keep or wanted.n,
+                          best_of=wanted.n if wanted.keep else None)
     try:
         await until_disconnected(request, generation.start())
         if body.stream:

@@ -13,6 +13,7 @@ from gateway.sampling import SamplingParams
 from gateway.schemas import ChatRequest, CompletionRequest, SamplingFields
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_LOGPROBS = 20  # alternatives per position (OpenAI allows 20 in chat, 5 in completions; vLLM 20)
 
 
 @dataclass
@@ -24,6 +25,11 @@ class GenerationRequest:
     params: SamplingParams
     max_tokens_given: bool = True  # False: a chat's default, "until the context ends" (fit_to_swarm may lower it)
     adapter: PromptAdapter | None = None  # a tuned prompt's model id was asked for
+    logprobs: int | None = None  # score every token, with this many alternatives; None: no scores
+    echo: bool = False  # each choice's text (and scores) begin with its prompt
+    prompt_texts: list[str] | None = None  # what echo shows of each prompt
+    keep: int | None = None  # best_of: of the n rows generated per prompt, return this many, the most likely
+    scored: bool = False  # the client asked for log-probabilities (best_of scores rows for itself)
 
     @property
     def virtual_tokens(self) -> int:
@@ -41,22 +47,37 @@ class GenerationRequest:
 
 
 def completion_request(body: CompletionRequest, model: GatewayModel, max_rows: int) -> GenerationRequest:
-    unsupported = [f for f, off in (("best_of", lambda v: v in (None, 1)), ("echo", lambda v: v is False),
-                                    ("logprobs", lambda v: v is None), ("suffix", lambda v: not v))
-                   if not off(getattr(body, f))]
-    if unsupported:
-        raise APIError(400, f"`{unsupported[0]}` is not supported by this server", param=unsupported[0])
+    if body.suffix:
+        raise APIError(400, "`suffix` (fill-in-the-middle) is not supported by this server", param="suffix")
+    check_logprobs(body.logprobs, "logprobs")
+    rows, kept = body.n, None
+    if body.best_of is not None:
+        if body.best_of < body.n:
+            raise APIError(400, f"best_of ({body.best_of}) must be at least n ({body.n})", param="best_of")
+        if body.stream and body.best_of > body.n:
+            raise APIError(400, "best_of greater than n cannot be streamed", param="best_of")
+        rows, kept = body.best_of, (body.n if body.best_of > body.n else None)
     prompts = prompt_ids(body.prompt, model)
     max_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
-    request = GenerationRequest(prompts, body.n, max_tokens, body.stop or [], sampling(body, model.vocab_size),
-                                adapter=model.adapters.get(body.model))
+    texts = body.prompt if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else (
+        [body.prompt] if isinstance(body.prompt, str) else [model.decode(p, special=True) for p in prompts])
+    logprobs = body.logprobs if body.logprobs is not None else (0 if kept else None)  # best_of ranks by score
+    request = GenerationRequest(prompts, rows, max_tokens, body.stop or [], sampling(body, model),
+                                adapter=model.adapters.get(body.model), logprobs=logprobs, echo=body.echo,
+                                prompt_texts=texts, keep=kept, scored=body.logprobs is not None)
     check_size(request, model.context_length, max_rows, "prompt")
     return request
 
 
+def check_logprobs(top: int | None, param: str) -> None:
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise APIError(400, f"`{param}` must be between 0 and {MAX_LOGPROBS}, got {top}", param=param)
+
+
 def chat_request(body: ChatRequest, model: GatewayModel, max_rows: int) -> GenerationRequest:
-    if body.logprobs or body.top_logprobs:
-        raise APIError(400, "`logprobs` is not supported by this server", param="logprobs")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "`top_logprobs` needs `logprobs` set to true", param="top_logprobs")
+    check_logprobs(body.top_logprobs, "top_logprobs")
     for field in ("tools", "functions"):  # a model answering without its tools would mislead the client
         if (body.model_extra or {}).get(field):
             raise APIError(400, f"`{field}` is not supported by this server", param=field)
@@ -71,8 +92,10 @@ def chat_request(body: ChatRequest, model: GatewayModel, max_rows: int) -> Gener
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     room = model.context_length - len(ids) - (adapter.length if adapter is not None else 0)
     max_tokens = limit if limit is not None else max(0, room)
-    request = GenerationRequest([ids], body.n, max_tokens, body.stop or [], sampling(body, model.vocab_size),
-                                max_tokens_given=limit is not None, adapter=adapter)
+    request = GenerationRequest([ids], body.n, max_tokens, body.stop or [], sampling(body, model),
+                                max_tokens_given=limit is not None, adapter=adapter,
+                                logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                                scored=bool(body.logprobs))
     check_size(request, model.context_length, max_rows, "messages")
     return request
 
@@ -117,7 +140,14 @@ def prompt_ids(prompt: str | list, model: GatewayModel) -> list[list[int]]:
     return out
 
 
-def sampling(body: SamplingFields, vocab_size: int) -> SamplingParams:
+def sampling(body: SamplingFields, model: GatewayModel) -> SamplingParams:
+    """The request's sampling parameters; those it omits come from the model's generation_config
+    (GatewayModel.sampling_defaults), then OpenAI's defaults."""
+    vocab_size, defaults = model.vocab_size, getattr(model, "sampling_defaults", {})
+
+    def given(name: str, fallback: float) -> float:
+        value = getattr(body, name)
+        return value if value is not None else defaults.get(name, fallback)
     bias = {}
     for key, value in (body.logit_bias or {}).items():
         token = int(key)
@@ -126,8 +156,7 @@ def sampling(body: SamplingFields, vocab_size: int) -> SamplingParams:
                            param="logit_bias")
         bias[token] = float(value)
     return SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
+        temperature=given("temperature", 1.0), top_p=given("top_p", 1.0), top_k=max(0, int(given("top_k", 0))),
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=bias, seed=body.seed)
 

@@ -11,6 +11,7 @@ import torch
 class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: every token (vLLM's extension; -1 is taken as 0 too)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
@@ -36,6 +37,9 @@ def choose_tokens(logits: torch.Tensor, counts: torch.Tensor, params: SamplingPa
     logits = adjust_logits(logits, counts, params)
     if params.temperature == 0:
         return logits.argmax(-1)
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -44,3 +48,14 @@ def choose_tokens(logits: torch.Tensor, counts: torch.Tensor, params: SamplingPa
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
+    """The model's own log-probabilities (before penalties, bias and temperature, as vLLM and the
+    OpenAI API report them): of `tokens` [batch] under `logits` [batch, vocab], and the `top`
+    most likely tokens' [batch, top] (values, ids)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    values, ids = logprobs.topk(top, dim=-1) if top > 0 else (logprobs[:, :0], tokens[:, None][:, :0])
+    return chosen, values, ids

@@ -21,6 +21,7 @@ class SamplingFields(BaseModel):
     model: StrictStr
     temperature: Temperature | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # vLLM's extension (extra_body); -1 or 0: off
     n: Annotated[int, Field(ge=1, le=128)] = 1
     stop: StrictStr | list[StrictStr] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
@@ -60,8 +61,8 @@ class CompletionRequest(SamplingFields):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: Annotated[int, Field(ge=0)] | None = 16
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: StrictInt | None = None
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -104,4 +105,4 @@ class ChatRequest(SamplingFields):
     max_tokens: Annotated[int, Field(ge=0)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: StrictInt | None = None

@@ -50,6 +50,11 @@ class GatewaySettings(BaseSettings):
     prompt_adapters: list[str] = Field(default_factory=list, json_schema_extra={"flag": "prompt-adapter",
                                                                                 "metavar": "NAME=PATH"},
                                        description="serve a prompt trained with gateway.tuning as the model id NAME")
+    generation_config: str = Field(
+        "auto", description="where sampling defaults come from when a request omits them (temperature, top_p, "
+                            "top_k), as vLLM's --generation-config: 'auto' reads the model's generation_config.json, "
+                            "'none' uses OpenAI's defaults (1.0, 1.0, off), or a folder holding a "
+                            "generation_config.json")
     max_batch_rows: int = Field(64, ge=1, description="prompts x n in one request")
     max_frame_bytes: int = Field(64 * 2**20, ge=1024, description="largest WebSocket frame to send or accept")
     swarm_secret: str | None = Field(None, description="require this join secret of blockservers' heartbeats")

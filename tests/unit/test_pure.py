@@ -51,6 +51,9 @@ def test_seeded_sampling_repeats_and_top_p_cuts_the_tail():
     nucleus = SamplingParams(temperature=1.0, top_p=0.7)
     picked = choose_tokens(logits, torch.zeros(64, 4), nucleus, torch.Generator().manual_seed(1))
     assert set(picked.tolist()) <= {0, 1}
+    top_k = SamplingParams(temperature=1.0, top_k=2)
+    picked = choose_tokens(logits, torch.zeros(64, 4), top_k, torch.Generator().manual_seed(1))
+    assert set(picked.tolist()) == {0, 1}
 
 
 # ---- spans, registry, routing
