@@ -13,6 +13,7 @@ from blockserver.sessions import SessionHandler
 from blockserver.settings import BlockserverSettings
 from shared import corolla_version
 from shared.loops import TaskSet
+from shared.metrics import metrics_response
 
 log = logging.getLogger(__name__)
 
@@ -52,5 +53,10 @@ def create_app(settings: BlockserverSettings, url: str) -> FastAPI:
         scheduler = service.runtime.scheduler
         return info.model_dump(mode="json") | {"status": "ok", "sessions_opened": service.runtime.sessions_opened,
                                                "ticks": scheduler.ticks, "steps": scheduler.items}
+
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus metrics (text exposition format)."""
+        return metrics_response(service.metrics.registry)
 
     return app

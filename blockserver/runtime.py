@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +90,7 @@ class Runtime:
         self.budget = CacheBudget(cache_tokens)
         self.sessions: dict[str, Session | None] = {}  # None: being opened
         self.sessions_opened = 0  # since start: shows where routing sent sessions
+        self.timed: Callable[[str, float], None] = lambda kind, seconds: None  # metrics' hook
         self._compute = compute.run
         self.linger = Linger(linger_s)  # counts decode steps only: prompts never wait for company
         self.scheduler: Ticker[Work] = Ticker(compute, lambda queue: _choose(queue, self.prefill_chunk_tokens),
@@ -144,18 +147,25 @@ class Runtime:
         work = Work(session, position, hidden, mask, hypo_ids, prompts)
         if work.decode:
             self.linger.arrived(session.session_id, work)
-        return await self.scheduler.submit(work)
+        started = time.monotonic()
+        out = await self.scheduler.submit(work)
+        self.timed("decode" if work.decode else "prefill", time.monotonic() - started)
+        return out
 
     async def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
                       start: int, end: int) -> torch.Tensor:
         """A stateless pass (scoring, fine-tuning) over layers [start, end)."""
+        started = time.monotonic()
         outs = await self._stateless(self.layers.forward, hidden, mask, prompts, start, end)
+        self.timed("forward", time.monotonic() - started)
         return torch.cat(outs)
 
     async def backward(self, hidden: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None,
                        prompts: torch.Tensor | None, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gradients with respect to the input and the deep prompts of a stateless pass."""
+        started = time.monotonic()
         parts = await self._stateless(self.layers.backward, hidden, mask, prompts, start, end, grad)
+        self.timed("backward", time.monotonic() - started)
         grad_prompts = None if prompts is None else torch.stack([p for _, p in parts]).sum(0)
         return torch.cat([g for g, _ in parts]), grad_prompts
 

@@ -16,6 +16,7 @@ import httpx
 import psutil
 from pydantic import ValidationError
 
+from blockserver.metrics import BlockserverMetrics
 from blockserver.runtime import Runtime
 from blockserver.settings import BlockserverSettings
 from blockserver.throughput import Throughput, measure
@@ -50,6 +51,7 @@ class Blockserver:
         self.compute = ComputeThread("compute", settings.num_threads)
         self.fixed_span = settings.blocks
         self.span: Span | None = None
+        self.metrics = BlockserverMetrics(self)
         self.state = ServerState.joining
         self.runtime: Runtime | None = None
         self.throughput: Throughput | None = None
@@ -153,6 +155,7 @@ class Blockserver:
         s = self.settings
         self.runtime = Runtime(loaded, s.cache_tokens, self.compute, s.prefill_chunk_tokens, s.cache_page_tokens,
                                s.alloc_timeout_s, s.batch_linger_s)
+        self.metrics.attach(self.runtime)
         self.state = ServerState.online
         await self.heartbeat_now()
         log.info("blockserver %s serving %s layers %s at %s", self.server_id, self.model_name, span, self.url)

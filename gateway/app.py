@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from gateway.admission import Admission
 from gateway.channel import Connect, websocket_connect
 from gateway.errors import install_handlers
+from gateway.metrics import GatewayMetrics, RequestMetrics
 from gateway.model import GatewayModel
 from gateway.openai_routes import router as openai_router
 from gateway.settings import GatewaySettings
@@ -22,6 +23,7 @@ from gateway.swarm_routes import router as swarm_router
 from shared import corolla_version
 from shared.compute import ComputeThread
 from shared.loops import TaskSet, every
+from shared.metrics import metrics_response
 from shared.models.resolve import resolve_model, served_name
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: C
     app = FastAPI(title="Corolla gateway", version=corolla_version(), lifespan=lifespan,
                   description="OpenAI-compatible API over a swarm of blockservers.")
     app.state.gateway = state
+    state.metrics = GatewayMetrics(state)
+    app.add_middleware(RequestMetrics, metrics=state.metrics)
     install_handlers(app, settings.retry_after_s)
     app.include_router(openai_router)
     app.include_router(swarm_router)
@@ -73,5 +77,11 @@ def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: C
                 "banned": sorted(swarm.bans.active()), "queued": state.admission.waiting,
                 "failover": asdict(swarm.failovers)}
         return JSONResponse(body, status_code=200 if not missing else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus metrics (text exposition format). Open like vLLM's: put it behind your network's
+        scraper rules, not the API key."""
+        return metrics_response(state.metrics.registry)
 
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
@@ -78,6 +79,7 @@ async def respond(wanted: GenerationRequest, body: CompletionRequest | ChatReque
     """Admit the generation (it may wait in the queue; 429 or 503 are answered before anything is
     streamed), run it, and answer in the route's shape: chunks of an event stream, or whole. A
     client that goes away ends its generation within a step and frees every hop."""
+    started = time.monotonic()
     ensure_chain(state)
     fit_to_swarm(wanted, state.swarm.largest_session(), "messages" if chat else "prompt")
     generation = Generation(wanted, state.model, state.swarm, state.chain_config, state.connect, state.admission)
@@ -86,10 +88,9 @@ async def respond(wanted: GenerationRequest, body: CompletionRequest | ChatReque
                           best_of=wanted.n if wanted.keep else None)
     try:
         await until_disconnected(request, generation.start())
+        events = state.metrics.observe(generation.events(), started)
         if body.stream:
-            events = generation.events()
             return sse(shaper.chat_chunks(events) if chat else shaper.completion_chunks(events), state)
-        events = generation.events()
         return await until_disconnected(request, shaper.chat(events) if chat else shaper.completion(events))
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; nginx's code for "client closed the request"

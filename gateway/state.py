@@ -26,6 +26,7 @@ class GatewayState:
     connect: Connect = websocket_connect  # the chain's seam (tests connect in-process servers)
     model: GatewayModel | None = None  # None while loading
     started_at: int = field(default_factory=lambda: int(time.time()))
+    metrics: object | None = None  # gateway.metrics.GatewayMetrics, set by the app
 
     @property
     def chain_config(self) -> ChainConfig:
