@@ -94,8 +94,12 @@ class Generation:
         self.prefix: torch.Tensor | None = None  # the soft prompt as the first layer receives it
         self.max_length = virtual + self.ids.shape[1] + request.max_tokens
         self.session: ChainSession | None = None
+        self.matchers = None  # one grammar matcher per row, when the output is constrained
 
     async def start(self) -> None:
+        if self.request.grammar is not None:
+            grammar, grammars = self.request.grammar, self.model.grammars
+            self.matchers = await self.model.run(lambda: [grammars.matcher(grammar) for _ in self.rows])
         if self.request.adapter is not None:
             self.prefix = await self.model.prefix(self.request.adapter)
         if self.request.max_tokens > 0:
@@ -148,7 +152,8 @@ class Generation:
                 yield event
         while True:
             chosen, embedded, scores = await model.sample(hidden[:, -1:], counts, request.params, generator,
-                                                          client=self, logprobs=request.logprobs)
+                                                          client=self, logprobs=request.logprobs,
+                                                          matchers=self.matchers)
             tokens = chosen.tolist()
             for row, (choice, token) in enumerate(zip(choices, tokens)):
                 if choice.reason is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gateway.adapters import PromptAdapter, load_adapter
+from gateway.grammar import Grammars, Matcher, mask_logits
 from gateway.sampling import SamplingParams, choose_tokens, token_logprobs
 from shared.compute import ComputeThread
 from shared.errors import BadRequest
@@ -55,6 +56,7 @@ class Sample:
     params: SamplingParams
     generator: torch.Generator | None
     logprobs: int | None = None  # also score the chosen tokens, with this many alternatives
+    matchers: list[Matcher | None] | None = None  # rows whose output a grammar constrains
 
 
 @dataclass
@@ -83,10 +85,12 @@ class GatewayModel:
     linger_s: float = 0.0
     adapters: dict[str, PromptAdapter] = field(default_factory=dict)  # tuned prompts served as model ids
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # from generation_config.json
+    grammars: Grammars = field(init=False, repr=False)  # structured output against this tokenizer
     ticker: Ticker = field(init=False, repr=False)
     linger: Linger = field(init=False, repr=False)
 
     def __post_init__(self):
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
         self.linger = Linger(self.linger_s)
         self.ticker = Ticker(self.compute, lambda queue: list(queue), self._run_tick, "ends",
                              lambda queue: self.linger([i for i in queue if isinstance(i, Sample)]))
@@ -107,9 +111,11 @@ class GatewayModel:
             if adapter.name == name or adapter.name in loaded:
                 raise BadRequest(f"prompt adapter name {adapter.name!r} is already a model id here")
             loaded[adapter.name] = adapter
-        return cls(name=name, facts=facts, ends=load_ends(directory, "cpu", dtype), tokenizer=tokenizer,
-                   eos_ids=eos, pad_id=int(pad), compute=compute, linger_s=linger_s, adapters=loaded,
-                   sampling_defaults=sampling_defaults(directory, generation_config))
+        model = cls(name=name, facts=facts, ends=load_ends(directory, "cpu", dtype), tokenizer=tokenizer,
+                    eos_ids=eos, pad_id=int(pad), compute=compute, linger_s=linger_s, adapters=loaded,
+                    sampling_defaults=sampling_defaults(directory, generation_config))
+        model.grammars.prepare()
+        return model
 
     async def prefix(self, adapter: PromptAdapter) -> torch.Tensor:
         """The adapter's soft prompt as the first layer receives it [P, hidden] (prepared like
@@ -136,8 +142,8 @@ class GatewayModel:
         """Token ids of a prompt string (special tokens added as the model's tokenizer does)."""
         return self.tokenizer(text, add_special_tokens=True).input_ids
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"]
 
     async def run(self, fn, *args):
@@ -149,12 +155,13 @@ class GatewayModel:
 
     async def sample(self, hidden: torch.Tensor, counts: torch.Tensor, params: SamplingParams,
                      generator: torch.Generator | None, client: object = None,
-                     logprobs: int | None = None) -> tuple[torch.Tensor, torch.Tensor, Scores | None]:
+                     logprobs: int | None = None,
+                     matchers: list[Matcher | None] | None = None) -> tuple[torch.Tensor, torch.Tensor, Scores | None]:
         """hidden: [rows, 1, hidden] (the last position) -> the next token ids [rows], their
         embeddings [rows, 1, hidden] and, when `logprobs` is given, their Scores; batched with every
         other generation waiting for its tokens. `client` names the generation, so that ticks may
-        wait for its peers (Linger)."""
-        item = Sample(hidden, counts, params, generator, logprobs)
+        wait for its peers (Linger). `matchers` constrain rows to their grammars (and advance)."""
+        item = Sample(hidden, counts, params, generator, logprobs, matchers)
         self.linger.arrived(client if client is not None else item, item)
         return await self.ticker.submit(item)
 
@@ -172,7 +179,11 @@ class GatewayModel:
             chosen = []
             for s, part in zip(samples, logits.split(rows)):
                 try:
-                    tokens = choose_tokens(part, s.counts, s.params, s.generator)
+                    allowed = part if s.matchers is None else mask_logits(part, s.matchers, self.grammars.eos_ids)
+                    tokens = choose_tokens(allowed, s.counts, s.params, s.generator)
+                    for matcher, token in zip(s.matchers or (), tokens.tolist()):
+                        if matcher is not None:
+                            matcher.consume(token)
                     scores = None if s.logprobs is None else Scores(*token_logprobs(part, tokens, s.logprobs))
                     chosen.append((tokens, scores))
                 except Exception as exc:  # one request's sampling error is its own

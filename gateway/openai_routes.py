@@ -85,7 +85,7 @@ async def respond(wanted: GenerationRequest, body: CompletionRequest | ChatReque
     generation = Generation(wanted, state.model, state.swarm, state.chain_config, state.connect, state.admission)
     shaper = OpenAIShaper("chatcmpl" if chat else "cmpl", body.model, wanted.rows, body, scored=wanted.scored,
                           token_text=state.model.token_text, n=wanted.keep or wanted.n,
-                          best_of=wanted.n if wanted.keep else None)
+                          best_of=wanted.n if wanted.keep else None, tools=wanted.tools)
     try:
         await until_disconnected(request, generation.start())
         events = state.metrics.observe(generation.events(), started)

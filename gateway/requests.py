@@ -8,9 +8,11 @@ from dataclasses import dataclass
 
 from gateway.adapters import PromptAdapter
 from gateway.errors import APIError
+from gateway.grammar import response_format_grammar
 from gateway.model import GatewayModel
 from gateway.sampling import SamplingParams
 from gateway.schemas import ChatRequest, CompletionRequest, SamplingFields
+from gateway.tools import ToolPlan, plan, render
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_LOGPROBS = 20  # alternatives per position (OpenAI allows 20 in chat, 5 in completions; vLLM 20)
@@ -30,6 +32,8 @@ class GenerationRequest:
     prompt_texts: list[str] | None = None  # what echo shows of each prompt
     keep: int | None = None  # best_of: of the n rows generated per prompt, return this many, the most likely
     scored: bool = False  # the client asked for log-probabilities (best_of scores rows for itself)
+    grammar: str | None = None  # every row's output is constrained to it (gateway/grammar.py)
+    tools: ToolPlan | None = None  # tool calls are parsed from (or forced on) the output
 
     @property
     def virtual_tokens(self) -> int:
@@ -64,7 +68,8 @@ def completion_request(body: CompletionRequest, model: GatewayModel, max_rows: i
     logprobs = body.logprobs if body.logprobs is not None else (0 if kept else None)  # best_of ranks by score
     request = GenerationRequest(prompts, rows, max_tokens, body.stop or [], sampling(body, model),
                                 adapter=model.adapters.get(body.model), logprobs=logprobs, echo=body.echo,
-                                prompt_texts=texts, keep=kept, scored=body.logprobs is not None)
+                                prompt_texts=texts, keep=kept, scored=body.logprobs is not None,
+                                grammar=response_format_grammar(body.response_format, model.grammars))
     check_size(request, model.context_length, max_rows, "prompt")
     return request
 
@@ -83,11 +88,22 @@ def chat_request(body: ChatRequest, model: GatewayModel, max_rows: int) -> Gener
             raise APIError(400, f"`{field}` is not supported by this server", param=field)
     if model.chat_template is None:
         raise APIError(400, f"model {model.name} has no chat template; use /v1/completions", param="messages")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    tools = plan(body.tools, body.tool_choice, model.chat_template)
+    if tools is not None and tools.forced and body.response_format not in (None, {"type": "text"}):
+        raise APIError(400, "a forced tool_choice and a response_format cannot both shape the output",
+                       param="response_format")
+    messages, rendered_tools = render([m.for_template() for m in body.messages],
+                                      body.tools if tools is not None else None, model.chat_template)
     try:
-        ids = model.apply_chat_template(messages)
+        ids = model.apply_chat_template(messages, rendered_tools)
+    except APIError:
+        raise
     except Exception as exc:  # jinja templates raise their own errors on unexpected roles/orders
         raise APIError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
+    if tools is not None and tools.forced:
+        grammar = model.grammars.json_schema(tools.forced_schema(), "tools")
+    else:
+        grammar = response_format_grammar(body.response_format, model.grammars)
     adapter = model.adapters.get(body.model)
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     room = model.context_length - len(ids) - (adapter.length if adapter is not None else 0)
@@ -95,7 +111,7 @@ def chat_request(body: ChatRequest, model: GatewayModel, max_rows: int) -> Gener
     request = GenerationRequest([ids], body.n, max_tokens, body.stop or [], sampling(body, model),
                                 max_tokens_given=limit is not None, adapter=adapter,
                                 logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-                                scored=bool(body.logprobs))
+                                scored=bool(body.logprobs), grammar=grammar, tools=tools)
     check_size(request, model.context_length, max_rows, "messages")
     return request
 

@@ -10,6 +10,17 @@ from dataclasses import dataclass, field
 
 from gateway.generation import Finished, TextDelta, TokenLogprob, Usage
 from gateway.schemas import SamplingFields
+from gateway.stops import releasable
+from gateway.tools import ToolPlan, parse
+
+
+@dataclass
+class _Calls:
+    """Tool calls parsed from a choice's text, to be sent as deltas."""
+
+    index: int
+    calls: list[dict]
+    logprobs: list[TokenLogprob]
 
 
 @dataclass
@@ -28,7 +39,8 @@ class OpenAIShaper:
     which `n` are returned, the most likely (by cumulative log-probability, as vLLM ranks them)."""
 
     def __init__(self, id_prefix: str, model: str, rows: int, body: SamplingFields, scored: bool = False,
-                 token_text: Callable[[int], str] = str, n: int = 1, best_of: int | None = None):
+                 token_text: Callable[[int], str] = str, n: int = 1, best_of: int | None = None,
+                 tools: ToolPlan | None = None):
         self.id = f"{id_prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.model = model
@@ -36,6 +48,7 @@ class OpenAIShaper:
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.scored, self.token_text = scored, token_text
         self.n, self.best_of = n, best_of
+        self.tools = tools
         self._offsets: dict[int, int] = {}  # characters sent so far per choice (completions' text_offset)
 
     def _head(self, object_: str) -> dict:
@@ -94,6 +107,8 @@ class OpenAIShaper:
                 yield self._head("text_completion") | {"choices": [], "usage": self._usage(e)}
 
     async def chat_chunks(self, events) -> AsyncIterator[dict]:
+        if self.tools is not None:
+            events = self._tool_deltas(events)
         object_ = "chat.completion.chunk"
         started = False
         async for e in events:
@@ -102,7 +117,11 @@ class OpenAIShaper:
                 for i in range(self.n_rows):
                     yield self._chunk(object_, [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}])
-            if isinstance(e, TextDelta):
+            if isinstance(e, _Calls):
+                deltas = [{"index": k} | c for k, c in enumerate(e.calls)]
+                yield self._chunk(object_, [{"index": e.index, "delta": {"tool_calls": deltas},
+                                             "logprobs": self.chat_logprobs(e.logprobs), "finish_reason": None}])
+            elif isinstance(e, TextDelta):
                 yield self._chunk(object_, [{"index": e.index, "delta": {"content": e.text},
                                              "logprobs": self.chat_logprobs(e.logprobs), "finish_reason": None}])
             elif isinstance(e, Finished):
@@ -110,6 +129,40 @@ class OpenAIShaper:
                                              "finish_reason": e.reason}])
             elif isinstance(e, Usage) and self.include_usage:
                 yield self._head(object_) | {"choices": [], "usage": self._usage(e)}
+
+    async def _tool_deltas(self, events) -> AsyncIterator[object]:
+        """Generation events with tool calls taken out of the text: content streams until the
+        format's call marker (held back while it may be starting); what follows, or the whole
+        output of a forced call, is parsed when the choice ends and sent as tool-call deltas."""
+        plan, marker = self.tools, self.tools.marker
+        text: dict[int, str] = {}
+        sent: dict[int, int] = {}
+        pending: dict[int, list[TokenLogprob]] = {}
+        async for e in events:
+            if isinstance(e, TextDelta):
+                full = text[e.index] = text.get(e.index, "") + e.text
+                pending.setdefault(e.index, []).extend(e.logprobs)
+                if marker is None:
+                    continue  # a forced call, or a format without a marker: parsed whole at the end
+                end, found = releasable(full, [marker])
+                if end > sent.get(e.index, 0):
+                    yield TextDelta(e.index, full[sent.get(e.index, 0):end], pending.pop(e.index, []))
+                    sent[e.index] = end
+            elif isinstance(e, Finished):
+                full, done = text.get(e.index, ""), sent.get(e.index, 0)
+                content, calls = parse(full, plan)
+                if calls:
+                    yield _Calls(e.index, calls, pending.pop(e.index, []))
+                    e = Finished(e.index, self._tool_reason(e.reason), e.cumulative_logprob)
+                elif len(full) > done:
+                    yield TextDelta(e.index, full[done:], pending.pop(e.index, []))
+                yield e
+            else:
+                yield e
+
+    def _tool_reason(self, reason: str) -> str:
+        """OpenAI's finish_reason for an answer that called tools: a named tool_choice ends 'stop'."""
+        return "stop" if self.tools.mode == "named" else "tool_calls"
 
     async def _drain(self, events) -> tuple[list[tuple[int, _Drained]], Usage]:
         """Every choice whole, in index order; with best_of, only the n most likely of each prompt's
@@ -143,6 +196,14 @@ class OpenAIShaper:
 
     async def chat(self, events) -> dict:
         drained, usage = await self._drain(events)
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                    "logprobs": self.chat_logprobs(c.logprobs), "finish_reason": c.reason} for i, c in drained]
+        choices = []
+        for i, c in drained:
+            message, reason = {"role": "assistant", "content": c.text, "refusal": None}, c.reason
+            if self.tools is not None:
+                content, calls = parse(c.text, self.tools)
+                if calls:
+                    message |= {"content": content, "tool_calls": calls}
+                    reason = self._tool_reason(reason)
+            choices.append({"index": i, "message": message, "logprobs": self.chat_logprobs(c.logprobs),
+                            "finish_reason": reason})
         return self._head("chat.completion") | {"choices": choices, "usage": self._usage(usage)}

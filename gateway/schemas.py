@@ -31,6 +31,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: dict | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
 
     @field_validator("stop")
     @classmethod
@@ -78,19 +79,45 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class FunctionCall(BaseModel):
+    name: StrictStr
+    arguments: StrictStr  # JSON, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message answers this call
 
     @model_validator(mode="after")
     def _content_required(self):
         # OpenAI: only an assistant message that calls tools may come without content
-        if self.content is None and not (self.role == "assistant" and (self.model_extra or {}).get("tool_calls")):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a {self.role} message needs `content`")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs `tool_call_id`")
         return self
+
+    def for_template(self) -> dict:
+        """The message as chat templates take it (developer is system to them)."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name:
+            out["name"] = self.name
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -106,3 +133,6 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
     logprobs: bool | None = None
     top_logprobs: StrictInt | None = None
+    tools: list | None = None  # [{"type": "function", "function": {"name", "description", "parameters"}}]
+    tool_choice: StrictStr | dict | None = None  # "none" | "auto" | "required" | {"type": "function", ...}
+    parallel_tool_calls: bool | None = None  # accepted; "required" may return several calls either way
