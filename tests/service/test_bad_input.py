@@ -55,8 +55,12 @@ def bad_chats(model):
         ({"model": model, "messages": [{"role": "user"}]}, 400, "messages"),  # no content
         ({"model": model, "messages": [{"role": "system", "content": None}]}, 400, "messages"),
         ({"model": model, "messages": hi, "max_completion_tokens": -5}, 400, "max_completion_tokens"),
-        ({"model": model, "messages": hi, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        ({"model": model, "messages": hi, "tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]},
          400, "tools"),
+        ({"model": model, "messages": hi, "tools": [{"type": "function"}]}, 400, "tools"),
+        ({"model": model, "messages": hi, "tool_choice": "required"}, 400, "tool_choice"),
+        ({"model": model, "messages": hi, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+        ({"model": model, "messages": hi, "response_format": {"type": "yaml"}}, 400, "response_format"),
     ]
 
 
