@@ -89,6 +89,45 @@ def wait_all_free(url: str, within_s: float) -> float:
             time.sleep(0.02)
 
 
+def test_openai_sdk_scores_json_tools_and_metrics_against_corolla_up(up):
+    """The round-2 API surface through the SDK against real processes: logprobs, prompt scoring,
+    best_of, a JSON-schema answer validated by jsonschema, a forced tool call, and /metrics."""
+    import jsonschema
+
+    url, _, _ = up
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                               "country": {"type": "string", "maxLength": 30}},
+              "required": ["city", "country"], "additionalProperties": False}
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"],
+        "additionalProperties": False}}}
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    with OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+        chat = client.chat.completions.create(model=MODEL, messages=ask, temperature=0, max_tokens=8, logprobs=True,
+                                              top_logprobs=3)
+        content = chat.choices[0].logprobs.content
+        assert "".join(t.token for t in content) == chat.choices[0].message.content
+        assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+        scored = client.completions.create(model=MODEL, prompt="The capital of France is Paris", max_tokens=0,
+                                           echo=True, logprobs=1)
+        lp = scored.choices[0].logprobs
+        assert scored.choices[0].text == "The capital of France is Paris" and lp.token_logprobs[0] is None
+        assert all(v < 0 for v in lp.token_logprobs[1:])
+        best = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, best_of=3, n=1,
+                                         temperature=1.0, seed=1)
+        assert len(best.choices) == 1 and best.usage.completion_tokens > 8
+        answer = client.chat.completions.create(model=MODEL, messages=ask, temperature=0, response_format={
+            "type": "json_schema", "json_schema": {"name": "capital", "schema": schema, "strict": True}})
+        jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
+        call = client.chat.completions.create(
+            model=MODEL, temperature=0, max_tokens=40, tools=[weather], tool_choice="required",
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}]).choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"]
+    metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    assert 'corolla_gateway_requests_total{method="POST",route="/v1/chat/completions",status="200"}' in metrics
+    assert "corolla_gateway_time_to_first_token_seconds_bucket" in metrics
+
+
 def test_sixteen_default_chats_at_once(up):
     """No max_tokens: each chat may run to the end of its context (8192 tokens), yet 16 of them
     run side by side, because servers reserve cache pages as sessions grow; their steps share
