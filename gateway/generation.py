@@ -205,11 +205,7 @@ class Generation:
                 p, width = row // request.n, len(prompt)
                 entries = [TokenLogprob(prompt[0], None)]
                 offset = self.ids.shape[1] - width  # left padding
-                for i in range(1, width):
-                    position = offset + i - 1
-                    entries.append(TokenLogprob(prompt[i], float(scored.chosen[p, position]),
-                                                list(zip(scored.top_ids[p, position].tolist(),
-                                                         scored.top_values[p, position].tolist()))))
+                entries += [_scored(prompt[i], scored, p, offset + i - 1) for i in range(1, width)]
             deltas.append(TextDelta(row, request.prompt_texts[row // request.n], entries))
         return deltas
 
@@ -258,9 +254,11 @@ def _advance(choice: _Choice, token: int, request: GenerationRequest, model: Gat
         yield Finished(choice.index, choice.reason, choice.cumulative)
 
 
-def _scored(token: int, scores, row: int) -> TokenLogprob:
-    return TokenLogprob(token, float(scores.chosen[row]),
-                        list(zip(scores.top_ids[row].tolist(), scores.top_values[row].tolist())))
+def _scored(token: int, scores, *where: int) -> TokenLogprob:
+    """`token` with its score at `where` (a row of a sampling tick's Scores, or row and position of
+    a scored prompt's)."""
+    return TokenLogprob(token, float(scores.chosen[where]),
+                        list(zip(scores.top_ids[where].tolist(), scores.top_values[where].tolist())))
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,8 +96,6 @@ def chat_request(body: ChatRequest, model: GatewayModel, max_rows: int) -> Gener
                                       body.tools if tools is not None else None, model.chat_template)
     try:
         ids = model.apply_chat_template(messages, rendered_tools)
-    except APIError:
-        raise
     except Exception as exc:  # jinja templates raise their own errors on unexpected roles/orders
         raise APIError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
     if tools is not None and tools.forced:
@@ -159,7 +157,7 @@ def prompt_ids(prompt: str | list, model: GatewayModel) -> list[list[int]]:
 def sampling(body: SamplingFields, model: GatewayModel) -> SamplingParams:
     """The request's sampling parameters; those it omits come from the model's generation_config
     (GatewayModel.sampling_defaults), then OpenAI's defaults."""
-    vocab_size, defaults = model.vocab_size, getattr(model, "sampling_defaults", {})
+    vocab_size, defaults = model.vocab_size, model.sampling_defaults
 
     def given(name: str, fallback: float) -> float:
         value = getattr(body, name)

@@ -16,7 +16,7 @@ def model():
     tokenizer = tiny.char_tokenizer()
     return SimpleNamespace(
         name="tiny", vocab_size=tiny.VOCAB, context_length=64, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
-        adapters={}, grammars=None, decode=lambda ids, special=False: tokenizer.decode(ids, skip_special_tokens=not special),
+        adapters={}, grammars=None, sampling_defaults={}, decode=lambda ids, special=False: tokenizer.decode(ids, skip_special_tokens=not special),
         encode=lambda text: tokenizer(text, add_special_tokens=True).input_ids,
         apply_chat_template=lambda messages, tools=None: tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
@@ -85,7 +85,7 @@ def test_omitted_sampling_parameters_come_from_the_models_generation_config(mode
     assert sampling_defaults(tmp_path / "nowhere", "auto") == {}
     with pytest.raises(Exception, match="no generation_config.json"):
         sampling_defaults(tmp_path / "nowhere", str(tmp_path / "nowhere"))
-    configured = SimpleNamespace(**vars(model), sampling_defaults=defaults)
+    configured = SimpleNamespace(**(vars(model) | {"sampling_defaults": defaults}))
     params = completion_request(completion(prompt=[1]), configured, max_rows=8).params
     assert (params.temperature, params.top_p, params.top_k) == (0.6, 0.9, 0)
     params = completion_request(completion(prompt=[1], temperature=0, top_k=5), configured, max_rows=8).params
