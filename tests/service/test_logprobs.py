@@ -169,3 +169,23 @@ def test_bad_scoring_requests_are_400s(tiny_dir, body, param):
             return await swarm.client.post(route, json={"model": "tiny"} | body)
     r = asyncio.run(scenario())
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("family", ["bloom", "falcon-rw", "gemma2"])
+def test_prompt_scores_in_other_families(tiny_dir, family):
+    """ALiBi, soft-capping and left padding in the stateless scoring pass: as transformers scores."""
+    directory = tiny_dir(family)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+    async def scenario():
+        async with in_process_swarm(directory, SPANS) as swarm:
+            return await swarm.client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS, "echo": True,
+                                                                    "logprobs": 1, "max_tokens": 0})
+    r = asyncio.run(scenario())
+    assert r.status_code == 200, r.text
+    for prompt, choice in zip(PROMPTS, r.json()["choices"]):
+        with torch.no_grad():
+            want = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+        got = choice["logprobs"]["token_logprobs"]
+        assert got[0] is None
+        assert max(abs(got[i] - float(want[i - 1, prompt[i]])) for i in range(1, len(prompt))) < TOL
