@@ -35,7 +35,7 @@ class RoutingCosts:
     hop_overhead_s: float = 0.005  # serialization and scheduling per hop
     unknown_rtt_s: float = 0.3  # when nothing is measured yet (PETALS: 0.15 s one-way)
     unknown_tokens_per_s: float = 300.0  # a server that announced no decode speed
-    tie_s: float = 0.005  # routes closer than this are equally good: RTTs measured on busy hosts are noisier
+    tie_s: float = 0.010  # routes closer than this are equally good: RTTs measured on busy hosts are noisier
     cache_penalty_s: float = 10.0  # a server without room for the session's cache
     max_delay_s: float = 5.0  # one link never counts for more (a bad measurement must not dominate)
 

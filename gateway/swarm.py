@@ -163,6 +163,7 @@ class Swarm:
                 "gateway_sessions": self.load.get(s.server_id, 0), "dtype": s.dtype, "quant": s.quant,
                 "rtt_ms": round(self.rtts.seconds[s.server_id] * 1000, 2) if s.server_id in self.rtts.seconds
                 else None,
+                "next_rtt_ms": {peer: round(rtt * 1000, 2) for peer, rtt in s.next_pings.items()},
                 "banned": s.server_id in banned, "version": s.version,
             } for s in records],
             "coverage": counts, "layer_throughput": throughput,
