@@ -41,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
     host = settings.host
     if host in ("0.0.0.0", "::", ""):  # listening everywhere: announce the address that reaches the gateway
         host = _address_towards(settings.gateways[0]) if settings.gateways else "127.0.0.1"
-    url = (settings.public_url or f"http://{host}:{port}").rstrip("/")
+    scheme = "https" if settings.ssl_certfile else "http"
+    url = (settings.public_url or f"{scheme}://{host}:{port}").rstrip("/")
     print(f"blockserver listening on {settings.host}:{port}, announced as {url}", flush=True)
-    serve(create_app(settings, url), "blockserver", sock=sock, ws_max_size=settings.max_frame_bytes, lifespan="on")
+    serve(create_app(settings, url), "blockserver", sock=sock, ws_max_size=settings.max_frame_bytes, lifespan="on",
+          max_connections=settings.max_connections, ssl_certfile=settings.ssl_certfile,
+          ssl_keyfile=settings.ssl_keyfile)
     return 0

@@ -60,6 +60,11 @@ class BlockserverSettings(BaseSettings):
                                       description="run longer steps (prompts, failover replays) in chunks of this "
                                                   "many tokens")
     max_frame_bytes: int = Field(64 * 2**20, ge=1024, description="largest WebSocket frame to accept")
+    max_connections: int = Field(256, ge=1, description="open connections (gateways' sessions, pings) at once; "
+                                                        "beyond it new ones get 503")
+    ssl_certfile: str | None = Field(None, description="serve https (and wss) with this PEM certificate; peers "
+                                                       "trust it through the system's CAs or SSL_CERT_FILE")
+    ssl_keyfile: str | None = Field(None, description="the certificate's PEM private key")
     num_threads: int | None = Field(None, ge=1, description="torch threads for compute (default: all cores)")
     cache_dir: str | None = Field(None, description="where converted models are kept (default ~/.cache/corolla)")
     server_id: str | None = Field(None, description="this server's id in the registry (default: random)")

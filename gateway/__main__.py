@@ -20,5 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(GatewaySettings, args)
-    serve(create_app(settings), "gateway", settings.host, settings.port)
+    serve(create_app(settings), "gateway", settings.host, settings.port, max_connections=settings.max_connections,
+          ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile)
     return 0

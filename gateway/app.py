@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from gateway.admission import Admission
 from gateway.channel import Connect, websocket_connect
 from gateway.errors import install_handlers
+from gateway.limits import BodyLimit
 from gateway.metrics import GatewayMetrics, RequestMetrics
 from gateway.model import GatewayModel
 from gateway.openai_routes import router as openai_router
@@ -52,12 +53,14 @@ def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: C
             finally:
                 await tasks.stop()
                 await model.close()
+                state.prep.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="Corolla gateway", version=corolla_version(), lifespan=lifespan,
                   description="OpenAI-compatible API over a swarm of blockservers.")
     app.state.gateway = state
     state.metrics = GatewayMetrics(state)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mib * 2**20))
     install_handlers(app, settings.retry_after_s)
     app.include_router(openai_router)
     app.include_router(swarm_router)

@@ -63,7 +63,9 @@ def install_handlers(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(APIError(exc.status_code, str(exc.detail), type_).body(), status_code=exc.status_code)
+        code = "request_too_large" if exc.status_code == 413 else None
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), type_, code=code).body(),
+                            status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

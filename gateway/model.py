@@ -86,11 +86,16 @@ class GatewayModel:
     adapters: dict[str, PromptAdapter] = field(default_factory=dict)  # tuned prompts served as model ids
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # from generation_config.json
     grammars: Grammars = field(init=False, repr=False)  # structured output against this tokenizer
+    max_token_chars: int = field(init=False, repr=False)  # the longest vocabulary entry, in characters
     ticker: Ticker = field(init=False, repr=False)
     linger: Linger = field(init=False, repr=False)
 
     def __post_init__(self):
         self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        # no token decodes to more characters than its vocabulary entry has (byte-level BPE spells a
+        # byte as one character, SentencePiece a space as one): the bound of gateway.limits' cheap check
+        vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
+        self.max_token_chars = max((len(t) for t in vocab), default=1)
         self.linger = Linger(self.linger_s)
         self.ticker = Ticker(self.compute, lambda queue: list(queue), self._run_tick, "ends",
                              lambda queue: self.linger([i for i in queue if isinstance(i, Sample)]))

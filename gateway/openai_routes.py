@@ -58,7 +58,7 @@ async def retrieve_model(model_id: str, state: StateDep, _: ModelDep):
 async def completions(body: CompletionRequest, request: Request, state: StateDep, model: ModelDep):
     """Text completions (legacy API), streamed as server-sent events when `stream` is true."""
     check_model(body.model, state)
-    generation = completion_request(body, model, state.settings.max_batch_rows)
+    generation = await state.prepare(completion_request, body, model, state.settings.max_batch_rows)
     return await respond(generation, body, request, state, chat=False)
 
 
@@ -66,7 +66,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
 async def chat_completions(body: ChatRequest, request: Request, state: StateDep, model: ModelDep):
     """Chat completions: messages rendered with the model's chat template."""
     check_model(body.model, state)
-    generation = chat_request(body, model, state.settings.max_batch_rows)
+    generation = await state.prepare(chat_request, body, model, state.settings.max_batch_rows)
     return await respond(generation, body, request, state, chat=True)
 
 

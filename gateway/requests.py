@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from gateway.adapters import PromptAdapter
 from gateway.errors import APIError
 from gateway.grammar import response_format_grammar
+from gateway.limits import check_text_fits
 from gateway.model import GatewayModel
 from gateway.sampling import SamplingParams
 from gateway.schemas import ChatRequest, CompletionRequest, SamplingFields
@@ -61,6 +62,7 @@ def completion_request(body: CompletionRequest, model: GatewayModel, max_rows: i
         if body.stream and body.best_of > body.n:
             raise APIError(400, "best_of greater than n cannot be streamed", param="best_of")
         rows, kept = body.best_of, (body.n if body.best_of > body.n else None)
+    check_prompt_cost(body, model, rows, max_rows)
     prompts = prompt_ids(body.prompt, model)
     max_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
     texts = body.prompt if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else (
@@ -88,6 +90,8 @@ def chat_request(body: ChatRequest, model: GatewayModel, max_rows: int) -> Gener
             raise APIError(400, f"`{field}` is not supported by this server", param=field)
     if model.chat_template is None:
         raise APIError(400, f"model {model.name} has no chat template; use /v1/completions", param="messages")
+    check_text_fits(["".join(m.text() for m in body.messages)], model.context_length, model.max_token_chars,
+                    "messages")
     tools = plan(body.tools, body.tool_choice, model.chat_template)
     if tools is not None and tools.forced and body.response_format not in (None, {"type": "text"}):
         raise APIError(400, "a forced tool_choice and a response_format cannot both shape the output",
@@ -130,6 +134,18 @@ def fit_to_swarm(request: GenerationRequest, largest_session: int, param: str) -
                             f"the swarm offers for some of the model's layers is {largest_session} tokens. Reduce n, "
                             f"the number of prompts, max_tokens or the prompt.", param=param,
                        code="context_length_exceeded")
+
+
+def check_prompt_cost(body: CompletionRequest, model: GatewayModel, rows_per_prompt: int, max_rows: int) -> None:
+    """The checks that need no tokenizer, before it runs: how many rows, and whether each prompt
+    string could fit at all."""
+    prompt = body.prompt
+    count = len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1
+    if count * rows_per_prompt > max_rows:
+        raise APIError(400, f"{count} prompts x {rows_per_prompt} completions = {count * rows_per_prompt}; at most "
+                            f"{max_rows} per request", param="n")
+    texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
+    check_text_fits(texts, model.context_length, model.max_token_chars, "prompt")
 
 
 def prompt_ids(prompt: str | list, model: GatewayModel) -> list[list[int]]:

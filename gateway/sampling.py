@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax anyway (vLLM's epsilon)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 means greedy (and so does anything under GREEDY_BELOW)
     top_p: float = 1.0
     top_k: int = 0  # 0: every token (vLLM's extension; -1 is taken as 0 too)
     presence_penalty: float = 0.0
@@ -26,8 +28,9 @@ def adjust_logits(logits: torch.Tensor, counts: torch.Tensor, params: SamplingPa
         logits -= params.frequency_penalty * counts
     if params.presence_penalty:
         logits -= params.presence_penalty * (counts > 0).float()
-    for token, bias in params.logit_bias.items():
-        logits[:, token] += bias
+    if params.logit_bias:  # one indexed add, however many entries
+        tokens = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits[:, tokens] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
     return logits
 
 
@@ -35,7 +38,7 @@ def choose_tokens(logits: torch.Tensor, counts: torch.Tensor, params: SamplingPa
                   generator: torch.Generator | None) -> torch.Tensor:
     """[batch, vocab] logits -> [batch] token ids."""
     logits = adjust_logits(logits, counts, params)
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:  # dividing by 1e-45 would overflow to inf and NaN
         return logits.argmax(-1)
     if 0 < params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
@@ -45,6 +48,7 @@ def choose_tokens(logits: torch.Tensor, counts: torch.Tensor, params: SamplingPa
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        drop[:, 0] = False  # top_p 0 keeps the likeliest token alone
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -3,9 +3,14 @@ ignored (SDKs send `extra_body`, and newer OpenAI-only options)."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+
+MAX_STOP_CHARS = 256  # a stop string is held back while it may be forming: its length is scanned every token
+MAX_LOGIT_BIAS = 300  # OpenAI's cap on logit_bias entries
+TOKEN_ID = re.compile(r"-?[0-9]+")
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
@@ -41,14 +46,18 @@ class SamplingFields(BaseModel):
             raise ValueError("at most 4 stop sequences")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences may have at most {MAX_STOP_CHARS} characters")
         return stops
 
     @field_validator("logit_bias")
     @classmethod
     def _bias_keys(cls, bias):
+        if len(bias or {}) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may have at most {MAX_LOGIT_BIAS} entries")
         for key in bias or {}:
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if len(key) > 20 or not TOKEN_ID.fullmatch(key):
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:24]!r}")
         return bias
 
     @model_validator(mode="after")

@@ -56,6 +56,11 @@ class GatewaySettings(BaseSettings):
                             "'none' uses OpenAI's defaults (1.0, 1.0, off), or a folder holding a "
                             "generation_config.json")
     max_batch_rows: int = Field(64, ge=1, description="prompts x n in one request")
+    max_body_mib: float = Field(8.0, gt=0, description="largest request body; bigger ones get 413")
+    max_connections: int = Field(1024, ge=1, description="open connections at once; beyond it requests get 503")
+    ssl_certfile: str | None = Field(None, description="serve https (and wss) with this PEM certificate; peers "
+                                                       "trust it through the system's CAs or SSL_CERT_FILE")
+    ssl_keyfile: str | None = Field(None, description="the certificate's PEM private key")
     max_frame_bytes: int = Field(64 * 2**20, ge=1024, description="largest WebSocket frame to send or accept")
     swarm_secret: str | None = Field(None, description="require this join secret of blockservers' heartbeats")
     ping_interval_s: float = Field(5.0, gt=0, description="how often to measure the round trip to each "

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
@@ -17,6 +20,8 @@ from gateway.model import GatewayModel
 from gateway.settings import GatewaySettings
 from gateway.swarm import Swarm
 
+T = TypeVar("T")
+
 
 @dataclass
 class GatewayState:
@@ -27,6 +32,12 @@ class GatewayState:
     model: GatewayModel | None = None  # None while loading
     started_at: int = field(default_factory=lambda: int(time.time()))
     metrics: object | None = None  # gateway.metrics.GatewayMetrics, set by the app
+    # tokenizing, chat templates and grammar compilation: seconds of work for a big request, kept
+    # off the event loop (heartbeats, other streams) and done one request at a time
+    prep: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "gateway-prep"))
+
+    async def prepare(self, work: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.prep, work, *args)
 
     @property
     def chain_config(self) -> ChainConfig:

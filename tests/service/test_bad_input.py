@@ -41,6 +41,13 @@ def bad_completions(model):
         ({"model": "no-such-model", "prompt": "x"}, 404, "model"),
         ({"prompt": "x"}, 400, "model"),
         ({"model": model, "prompt": "x", "n": 100, "max_tokens": 1}, 400, "n"),
+        # caps that keep one request's cost bounded
+        ({"model": model, "prompt": "x", "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),  # isdigit() but no int
+        ({"model": model, "prompt": "x", "logit_bias": {"---5": 1}}, 400, "logit_bias"),
+        ({"model": model, "prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
+        ({"model": model, "prompt": "x", "stop": ["y" * 257]}, 400, "stop"),
+        ({"model": model, "prompt": ["x"] * 40, "n": 2}, 400, "n"),  # 80 rows, before tokenizing 40 prompts
+        ({"model": model, "prompt": "x" * 200_000}, 400, "prompt"),  # cannot fit: refused untokenized
     ]
 
 
@@ -93,7 +100,34 @@ def test_malformed_requests_get_the_right_errors_and_the_gateway_keeps_serving(t
             assert r.status_code == 200, r.text
             ok = await client.post("/v1/completions", json={"model": "tiny", **GOOD})
             assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("length", "stop")
+            # limits of sampling that used to raise: top_p 0 keeps the likeliest token, a tiny temperature is greedy
+            greedy = ok.json()["choices"][0]["text"]
+            for extreme in ({"temperature": 1.0, "top_p": 0.0}, {"temperature": 1e-45}):
+                r = await client.post("/v1/completions", json={"model": "tiny", **GOOD} | extreme)
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy, (extreme, r.text)
             assert (await client.get("/health")).status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(tiny_dir):
+    async def scenario():
+        async with in_process_swarm(tiny_dir("llama"), {"a": "0:6"}, gateway={"max_body_mib": 1}) as swarm:
+            client = swarm.client
+            big = b'{"model": "tiny", "prompt": "' + b"x" * (2 * 2**20) + b'"}'
+            started = time.monotonic()
+            check_error(await client.post("/v1/completions", content=big,
+                                          headers={"content-type": "application/json"}), 413, None)
+
+            async def undeclared():  # chunked: no Content-Length to refuse it by
+                yield big[: 2**19]
+                yield big[2**19:]
+            r = await client.post("/v1/completions", content=undeclared(), headers={"content-type": "application/json"})
+            check_error(r, 413, None)
+            assert r.json()["error"]["code"] == "request_too_large"
+            assert time.monotonic() - started < 5
+            ok = await client.post("/v1/completions", json={"model": "tiny", **GOOD})
+            assert ok.status_code == 200, ok.text
 
     asyncio.run(scenario())
 

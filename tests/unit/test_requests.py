@@ -16,7 +16,8 @@ def model():
     tokenizer = tiny.char_tokenizer()
     return SimpleNamespace(
         name="tiny", vocab_size=tiny.VOCAB, context_length=64, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
-        adapters={}, grammars=None, sampling_defaults={}, decode=lambda ids, special=False: tokenizer.decode(ids, skip_special_tokens=not special),
+        adapters={}, grammars=None, sampling_defaults={}, max_token_chars=max(map(len, tokenizer.get_vocab())),
+        decode=lambda ids, special=False: tokenizer.decode(ids, skip_special_tokens=not special),
         encode=lambda text: tokenizer(text, add_special_tokens=True).input_ids,
         apply_chat_template=lambda messages, tools=None: tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
