@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import httpx
 
@@ -12,6 +13,8 @@ DESCRIPTION = ("Print the servers, spans, speed, free cache and per-layer covera
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gateway", default="http://127.0.0.1:8000", help="gateway URL (default http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", default=os.environ.get("COROLLA_GATEWAY_API_KEY"),
+                        help="the gateway's API key, when it has one (default: $COROLLA_GATEWAY_API_KEY)")
 
 
 def render(snap: dict) -> str:
@@ -36,7 +39,8 @@ def render(snap: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     url = args.gateway.rstrip("/")
     try:
-        response = httpx.get(f"{url}/v1/swarm", timeout=10)
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        response = httpx.get(f"{url}/v1/swarm", timeout=10, headers=headers)
         response.raise_for_status()
     except httpx.HTTPError as exc:
         print(f"corolla: cannot read {url}/v1/swarm: {exc}")

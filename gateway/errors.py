@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,17 +26,27 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# where a blockserver listens is the swarm's business, not an API client's: addresses are cut from
+# every message a client gets (the gateway's log keeps them)
+_ADDRESS = re.compile(r"\b(?:https?|wss?)://[^\s'\"),;]+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9a-fA-F:]+\](?::\d+)?")
+
+
+def redact(message: str) -> str:
+    return _ADDRESS.sub("<server>", message)
+
+
 def from_corolla(exc: CorollaError, retry_after_s: int) -> APIError:
     """The HTTP face of our own exceptions."""
+    message = redact(exc.message)
     if isinstance(exc, BadRequest):
-        return APIError(400, exc.message, code=exc.code)
+        return APIError(400, message, code=exc.code)
     if isinstance(exc, ModelNotFound):
-        return APIError(404, exc.message, code="model_not_found")
+        return APIError(404, message, code="model_not_found")
     if isinstance(exc, Overloaded):
-        return APIError(429, f"The engine is currently overloaded, please try again later ({exc.message}).",
+        return APIError(429, f"The engine is currently overloaded, please try again later ({message}).",
                         "server_error", code="overloaded", headers={"Retry-After": str(retry_after_s)})
     if isinstance(exc, Unavailable):
-        return APIError(503, f"The model is unavailable: {exc.message}", "server_error", code="service_unavailable",
+        return APIError(503, f"The model is unavailable: {message}", "server_error", code="service_unavailable",
                         headers={"Retry-After": str(retry_after_s)})
     return APIError(500, "The server had an error while processing your request.", "server_error")
 

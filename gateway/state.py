@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import time
 from collections.abc import Callable
@@ -55,15 +56,29 @@ async def get_model(state: Annotated[GatewayState, Depends(get_state)]) -> Gatew
     return state.model
 
 
+def _given_key(request: Request) -> tuple[str, str]:
+    """(scheme, key) of the Authorization header: 'Bearer KEY', or 'Basic' with KEY as the password
+    (how a browser asks for it on the /swarm page)."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    scheme, given = scheme.lower(), given.strip()
+    if scheme == "basic":
+        try:
+            given = base64.b64decode(given, validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            given = ""
+    return scheme, given
+
+
 async def check_api_key(request: Request, state: Annotated[GatewayState, Depends(get_state)]) -> None:
     key = state.settings.api_key
     if not key:
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-        shown = given.strip()[:6]
+    scheme, given = _given_key(request)
+    if scheme not in ("bearer", "basic") or not hmac.compare_digest(given.encode(), key.encode()):
+        shown = given[:6]
+        # a browser shows its password prompt for Basic (the key as password, any user name)
         raise APIError(401, f"Incorrect API key provided: {shown + '…' if shown else '(none)'}",
-                       code="invalid_api_key")
+                       code="invalid_api_key", headers={"WWW-Authenticate": 'Basic realm="corolla", charset="UTF-8"'})
 
 
 StateDep = Annotated[GatewayState, Depends(get_state)]

@@ -8,11 +8,11 @@ import hmac
 import json
 
 import httpx
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 
 from gateway.errors import APIError
-from gateway.state import GatewayState, ModelDep, StateDep
+from gateway.state import GatewayState, ModelDep, StateDep, check_api_key
 from shared.errors import ModelMismatch
 from shared.records import HEARTBEAT_PATH, SECRET_HEADER, SERVERS_PATH, ServerInfo
 
@@ -59,14 +59,14 @@ async def servers(request: Request, state: StateDep, _: ModelDep):
     return [s.model_dump(mode="json") for s in state.swarm.records()]
 
 
-@router.get("/v1/swarm")
+@router.get("/v1/swarm", dependencies=[Depends(check_api_key)])
 async def swarm(state: StateDep, _: ModelDep):
     """The swarm serving this gateway's model: servers, spans, states, speed, free cache, open
     sessions, and per-layer coverage."""
     return state.swarm.snapshot()
 
 
-@router.get("/swarm", response_class=HTMLResponse)
+@router.get("/swarm", response_class=HTMLResponse, dependencies=[Depends(check_api_key)])
 async def swarm_page(state: StateDep, _: ModelDep):
     """The same, drawn: one row per server over the model's layers, updated in place every 2 s."""
     snapshot = json.dumps(state.swarm.snapshot()).replace("</", "<\\/")  # cannot close the script element

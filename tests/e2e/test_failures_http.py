@@ -47,6 +47,13 @@ def test_api_key_and_no_chain(lonely):
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
     wrong = httpx.post(f"{lonely.url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
+    # the swarm's views show internal addresses: the key guards them too (Basic for browsers)
+    for view in ("/v1/swarm", "/swarm"):
+        refused = httpx.get(f"{lonely.url}{view}")
+        assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic")
+        assert httpx.get(f"{lonely.url}{view}", headers=AUTH).status_code == 200
+        assert httpx.get(f"{lonely.url}{view}", auth=("anyone", "sekret")).status_code == 200
+        assert httpx.get(f"{lonely.url}{view}", auth=("anyone", "nope")).status_code == 401
     health = httpx.get(f"{lonely.url}/health")
     assert health.status_code == 503 and health.json()["missing_layers"] == [4, 5]
     for stream in (False, True):
