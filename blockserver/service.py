@@ -9,7 +9,6 @@ import math
 import random
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -24,11 +23,12 @@ from shared import corolla_version
 from shared.balancing import Placement, choose_span, placements, should_move
 from shared.compute import ComputeThread
 from shared.dtypes import resolve_dtype
+from shared.identity import HEARTBEAT, Identity, read_token
 from shared.loops import TaskSet, every
 from shared.models.loader import ModelFacts, layer_bytes, load_facts, load_span
 from shared.models.quant import check_quant
 from shared.models.resolve import DEFAULT_CACHE_DIR, resolve_model, served_name
-from shared.records import HEARTBEAT_PATH, SECRET_HEADER, SERVERS_PATH, ServerInfo, ServerState, Span
+from shared.records import HEARTBEAT_PATH, SERVERS_PATH, ServerInfo, ServerState, Span
 from shared.rtt import RoundTrips
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,14 @@ class GatewayLink:
         self.url = url
         self.accepted = False  # has taken a heartbeat at least once
         self.trouble: str | None = None  # the last problem logged
+        self.gateway_key: str | None = None  # its public key, from its answers: it signs the sessions it grants
 
 
 class Blockserver:
     def __init__(self, settings: BlockserverSettings, url: str):
         self.settings, self.url = settings, url
-        self.server_id = settings.server_id or f"bs-{uuid.uuid4().hex[:10]}"
+        self.identity = Identity.load_or_create(settings.identity_file)
+        self.server_id = settings.server_id or self.identity.id
         self.compute = ComputeThread("compute", settings.num_threads)
         self.fixed_span = settings.blocks
         self.span: Span | None = None
@@ -61,10 +63,16 @@ class Blockserver:
         self.swarm: list[ServerInfo] = []  # the registry's view, refreshed in the background
         self.links = {g: GatewayLink(g) for g in settings.gateways}
         self.started_at = time.monotonic()
-        # The swarm secret goes to gateways only; peers are pinged with a client that does not carry it.
-        self.http = httpx.AsyncClient(timeout=max(2.0, settings.heartbeat_interval_s),
-                                      headers={SECRET_HEADER: settings.swarm_secret} if settings.swarm_secret else {})
+        # The swarm secret never leaves this process: heartbeats and registry reads carry HMACs of it.
+        self.http = httpx.AsyncClient(timeout=max(2.0, settings.heartbeat_interval_s))
         self.peers = httpx.AsyncClient(timeout=2.0)
+
+    def trusted_gateways(self) -> set[str] | None:
+        """Public keys whose grants open sessions here; None: this server serves no gateway (a
+        test's, or verify-model's), so it needs no grants."""
+        if not self.links:
+            return None
+        return {link.gateway_key for link in self.links.values() if link.gateway_key}
 
     @property
     def fingerprint(self) -> str:
@@ -166,7 +174,7 @@ class Blockserver:
         answer (HTML from a proxy, a record that fails validation) is logged and skipped."""
         for gateway in self.settings.gateways:
             try:
-                response = await self.http.get(f"{gateway}{SERVERS_PATH}")
+                response = await self.http.get(f"{gateway}{SERVERS_PATH}", headers=read_token(self.settings.swarm_secret))
                 if response.status_code != 200:
                     continue
                 body = response.json()
@@ -199,12 +207,19 @@ class Blockserver:
         if info is None:
             return
         try:
-            response = await self.http.post(f"{link.url}{HEARTBEAT_PATH}", json=info.model_dump(mode="json"))
+            envelope = self.identity.sign(HEARTBEAT, info.model_dump(mode="json"), self.settings.swarm_secret)
+            response = await self.http.post(f"{link.url}{HEARTBEAT_PATH}", json=envelope)
         except httpx.HTTPError as exc:
             if not quiet:
                 self._trouble(link, f"unreachable ({type(exc).__name__})")
             return
         if response.status_code == 200:
+            try:
+                key = response.json().get("gateway_key")
+            except (ValueError, AttributeError):
+                key = None
+            if isinstance(key, str) and key != link.gateway_key:
+                link.gateway_key = key  # its grants are honoured from now on
             if link.trouble or not link.accepted:
                 log.info("blockserver %s registered with gateway %s", self.server_id, link.url)
             link.accepted, link.trouble = True, None

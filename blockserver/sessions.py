@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import Counter
 from typing import Protocol
 
 import torch
@@ -21,11 +23,14 @@ from shared.errors import (
     BadRequest,
     CorollaError,
     ModelMismatch,
+    Overloaded,
     ProtocolError,
     SessionExpired,
     SessionLost,
+    Unauthorized,
     Unavailable,
 )
+from shared.identity import GRANT, STATELESS, AuthError, verify
 from shared.protocol import Backward, Close, Forward, Message, Open, Ready, Result, Step
 
 
@@ -35,9 +40,12 @@ class Host(Protocol):
 
     runtime: Runtime | None
     model_name: str
+    server_id: str
 
     @property
     def fingerprint(self) -> str: ...
+
+    def trusted_gateways(self) -> set[str] | None: ...
 
 
 log = logging.getLogger(__name__)
@@ -46,15 +54,21 @@ log = logging.getLogger(__name__)
 class SessionHandler:
     def __init__(self, host: Host, settings: BlockserverSettings):
         self.host, self.settings = host, settings
+        self.per_peer: Counter[str] = Counter()  # open sessions by the peer's address
 
     async def serve(self, ws: WebSocket) -> None:
         await ws.accept()
+        peer = ws.client.host if ws.client else "?"
         session: Session | None = None
         runtime: Runtime | None = None  # the one the session was opened on
+        last_work = time.monotonic()  # only valid work keeps a socket alive: junk frames do not
         try:
             while True:
                 try:
-                    frame = await asyncio.wait_for(ws.receive(), self.settings.idle_timeout_s)
+                    left = self.settings.idle_timeout_s - (time.monotonic() - last_work)
+                    if left <= 0:
+                        raise TimeoutError
+                    frame = await asyncio.wait_for(ws.receive(), left)
                 except TimeoutError:
                     await ws.send_bytes(protocol.error_frame(SessionExpired.code, "session idle for too long; freed"))
                     await ws.close()
@@ -73,7 +87,14 @@ class SessionHandler:
                         runtime = self.host.runtime  # changes when the server moves
                         if runtime is None:
                             raise Unavailable("this server is loading or moving; try another")
+                    opening = session is None and isinstance(message.header, Open)
+                    if opening and self.per_peer[peer] >= self.settings.max_sessions_per_peer:
+                        raise Overloaded(f"{self.settings.max_sessions_per_peer} sessions from this address are open "
+                                         f"here already")
                     reply, session = await self._handle(runtime, message, session)
+                    if opening and session is not None:
+                        self.per_peer[peer] += 1
+                    last_work = time.monotonic()
                 except CorollaError as exc:
                     reply = protocol.error_frame(exc.code, exc.message)
                 await ws.send_bytes(reply)
@@ -81,6 +102,9 @@ class SessionHandler:
             pass
         finally:
             if session is not None:
+                self.per_peer[peer] -= 1
+                if self.per_peer[peer] <= 0:
+                    del self.per_peer[peer]
                 await runtime.close(session.session_id)
 
     async def _handle(self, runtime: Runtime, message: Message, session: Session | None) -> tuple[bytes, Session | None]:
@@ -96,6 +120,7 @@ class SessionHandler:
                     raise BadRequest("send `open` before `step`")
                 return await self._step(runtime, header, message.tensors, session), session
             case Forward() | Backward() as header:
+                self._check_grant(header.grant, STATELESS)
                 self._check_model(header.model)
                 start, end = self._layers(runtime, header.span)
                 hidden = self._hidden(runtime, message.tensors, batch_size=None, room=runtime.layers.context_length)
@@ -119,8 +144,24 @@ class SessionHandler:
             raise ModelMismatch(f"this server serves {self.host.model_name} (fingerprint {self.host.fingerprint}), "
                                 f"not the model with fingerprint {fingerprint}")
 
+    def _check_grant(self, grant: dict | None, session_id: str) -> None:
+        """A session (or a stateless pass: STATELESS) must come with a fresh grant for this server,
+        signed by a gateway it heartbeats to."""
+        trusted = self.host.trusted_gateways()
+        if trusted is None:
+            return
+        if grant is None:
+            raise Unauthorized("this server serves only sessions granted by its gateways (no grant)")
+        try:
+            body = verify(grant, GRANT, trusted=trusted, prefix="gw").body
+        except AuthError as exc:
+            raise Unauthorized(f"grant refused: {exc}") from None
+        if body.get("server") != self.host.server_id or body.get("session") != session_id:
+            raise Unauthorized("grant refused: it is for another server or session")
+
     async def _open(self, runtime: Runtime, header: Open) -> Session:
         layers = runtime.layers
+        self._check_grant(header.grant, header.session_id)
         self._check_model(header.model)
         start, end = self._layers(runtime, header.span)
         if header.max_length > layers.context_length:

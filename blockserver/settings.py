@@ -67,7 +67,12 @@ class BlockserverSettings(BaseSettings):
     ssl_keyfile: str | None = Field(None, description="the certificate's PEM private key")
     num_threads: int | None = Field(None, ge=1, description="torch threads for compute (default: all cores)")
     cache_dir: str | None = Field(None, description="where converted models are kept (default ~/.cache/corolla)")
-    server_id: str | None = Field(None, description="this server's id in the registry (default: random)")
+    identity_file: str | None = Field(None, description="this server's Ed25519 key (created there if missing): its "
+                                                        "id in the swarm is derived from it, so keeping the file keeps "
+                                                        "the id across restarts (default: a new key each start)")
+    max_sessions_per_peer: int = Field(512, ge=1, description="open sessions one address may hold here")
+    server_id: str | None = Field(None, json_schema_extra={"flag": False},
+                                  description="tests only: an id not derived from the key (gateways refuse it)")
 
     @field_validator("blocks", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ from gateway.admission import Admission
 from gateway.channel import Connect, websocket_connect
 from gateway.errors import install_handlers
 from gateway.limits import BodyLimit
+from gateway.membership import Membership
 from gateway.metrics import GatewayMetrics, RequestMetrics
 from gateway.model import GatewayModel
 from gateway.openai_routes import router as openai_router
@@ -21,8 +22,10 @@ from gateway.settings import GatewaySettings
 from gateway.state import GatewayState, StateDep
 from gateway.swarm import ServedModel, Swarm
 from gateway.swarm_routes import router as swarm_router
+from gateway.verify import Verifier
 from shared import corolla_version
 from shared.compute import ComputeThread
+from shared.identity import Identity
 from shared.loops import TaskSet, every
 from shared.metrics import metrics_response
 from shared.models.resolve import resolve_model, served_name
@@ -58,6 +61,11 @@ def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: C
     app = FastAPI(title="Corolla gateway", version=corolla_version(), lifespan=lifespan,
                   description="OpenAI-compatible API over a swarm of blockservers.")
     app.state.gateway = state
+    state.membership = Membership(Identity.load_or_create(settings.identity_file, "gw"), settings.swarm_secret,
+                                  settings.max_servers_per_source)
+    state.swarm.grant = state.membership.grant
+    if settings.verify_rate > 0:
+        state.swarm.verifier = Verifier(settings.verify_rate, state.swarm, connect, state.chain_config)
     state.metrics = GatewayMetrics(state)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mib * 2**20))
@@ -78,7 +86,8 @@ def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: C
                 "fingerprint": state.model.facts.fingerprint, "num_layers": state.model.num_layers,
                 "servers": len(swarm.online()), "coverage": counts, "missing_layers": missing,
                 "banned": sorted(swarm.bans.active()), "queued": state.admission.waiting,
-                "failover": asdict(swarm.failovers)}
+                "failover": asdict(swarm.failovers),
+                "verification": asdict(swarm.verifier.stats) if swarm.verifier is not None else None}
         return JSONResponse(body, status_code=200 if not missing else 503)
 
     @app.get("/metrics")

@@ -42,11 +42,12 @@ from shared.errors import (
     SessionExpired,
     SessionLost,
     Unavailable,
+    WrongResult,
 )
 
 log = logging.getLogger(__name__)
 
-FAULTS = (SessionLost, ProtocolError)  # the server's fault: ban it
+FAULTS = (SessionLost, ProtocolError, WrongResult)  # the server's fault: ban it
 RECOVERABLE = (Unavailable, ProtocolError, BadRequest)  # anything a rebuilt hop may fix
 _CLEANUPS: set[asyncio.Task] = set()  # closes in flight, kept alive past a cancelled caller
 
@@ -104,6 +105,7 @@ class HopSession:
         except TimeoutError as exc:
             raise SessionLost(f"{self.server.server_id}: no connection within {self.config.connect_timeout_s}s") from exc
         await self._call(protocol.Open(session_id=self.session_id, model=model, span=[self.span.start, self.span.end],
+                                       grant=self.swarm.grant(self.server.server_id, self.session_id),
                                        batch_size=batch_size, max_length=max_length, dtype=self.server.dtype,
                                        reserve_length=min(reserve_length, max_length), wire=self.config.wire_codec),
                          None, protocol.Ready)
@@ -132,6 +134,10 @@ class HopSession:
                                 f"for a step of {list(hidden.shape)}")
         if not bool(torch.isfinite(out).all()):
             raise ProtocolError(f"{self.server.server_id} returned non-finite hidden states")
+        verifier = self.swarm.verifier
+        if verifier is not None and self.history is not None and self.prompts is None and verifier.wanted():
+            inputs, inputs_mask = _concat(self.history + [(hidden, mask)])
+            await verifier.check(self.server, self.span.start, self.span.end, inputs, inputs_mask, out)
         if self.history is not None:
             self.history.append((hidden, mask))
         self.position += hidden.shape[1]

@@ -27,6 +27,11 @@ class Registry:
             return
         self._entries[info.server_id] = Entry(info, self._clock() + info.ttl_s)
 
+    def ids(self) -> list[str]:
+        """Ids of the live records."""
+        now = self._clock()
+        return [s for s, e in self._entries.items() if e.expires_at > now]
+
     def __contains__(self, server_id: str) -> bool:
         entry = self._entries.get(server_id)
         return entry is not None and entry.expires_at > self._clock()

@@ -12,12 +12,19 @@ in increasing order."""
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared.errors import Unavailable
 from shared.records import ServerInfo, Span
+
+# Bounds that keep a route a few milliseconds even over a registry of thousands of records: from
+# each layer, the cheapest MAX_CANDIDATES servers covering it, and the cheapest MAX_STATES partial
+# chains arriving there. Swarms with fewer servers per layer are searched exhaustively.
+MAX_CANDIDATES = 12
+MAX_STATES = 12
 
 
 @dataclass(frozen=True)
@@ -76,25 +83,45 @@ def route_chain(servers: list[ServerInfo], num_layers: int, banned: frozenset[st
         # the heartbeat counts every gateway's sessions but is seconds old; ours are exact
         return max(s.sessions, load.get(s.server_id, 0))
 
+    # Per server, seconds per layer for one more session: its own work, plus, when it is busy, the
+    # tick in progress (half of one, on average) and each session's marginal share, so that equal
+    # replicas share the load
+    per_layer: dict[str, float] = {}
+    for s in usable:
+        alone = 1 / (s.decode_tokens_per_s or costs.unknown_tokens_per_s)
+        busy = sessions(s)
+        per_layer[s.server_id] = alone + (alone / 2 if busy else 0.0) + busy * marginal(s, alone)
+
+    # what a hop there costs besides its layers: overhead, a cache penalty, the link from the gateway
+    fixed = {s.server_id: costs.hop_overhead_s + link_delay(rtts.get(s.server_id), rtts, costs)
+             + (costs.cache_penalty_s if s.cache_tokens_left < cache_tokens else 0.0) for s in usable}
+
+    def candidates(position: int) -> list[ServerInfo]:
+        """The servers covering `position` worth trying from it: all of them in a swarm of usual
+        size, the MAX_CANDIDATES cheapest per layer (with the hop's fixed costs spread over the
+        layers it runs) in a registry of thousands."""
+        covering = [s for s in usable if s.start <= position < s.end]
+        if len(covering) <= MAX_CANDIDATES:
+            return covering
+        return heapq.nsmallest(MAX_CANDIDATES, covering, key=lambda s: per_layer[s.server_id]
+                               + fixed[s.server_id] / (min(s.end, end) - position))
+
     # best[(p, previous server id)] = (cost, tiebreak, hops so far)
     best: dict[tuple[int, str | None], tuple[float, float, list[Hop]]] = {(start, None): (0.0, 0.0, [])}
     for position in range(start, end):
-        for (cost, _, hops) in [v for k, v in best.items() if k[0] == position]:
+        arrived = sorted((v for k, v in best.items() if k[0] == position), key=lambda v: v[:2])[:MAX_STATES]
+        if not arrived:
+            continue
+        servers_here = candidates(position)
+        for (cost, _, hops) in arrived:
             previous = hops[-1].server if hops else None
-            for s in usable:
-                if not s.start <= position < s.end:
-                    continue
+            for s in servers_here:
                 leave = min(s.end, end)
                 rtt = rtts.get(s.server_id) if previous is None else previous.next_pings.get(
                     s.server_id, rtts.get(s.server_id))
-                alone = 1 / (s.decode_tokens_per_s or costs.unknown_tokens_per_s)  # s per layer, one session
-                work = costs.hop_overhead_s + (leave - position) * alone
-                busy = sessions(s)
-                # a busy server makes us wait for the tick in progress (half of one, on average),
-                # and each session in it adds its marginal share: equal replicas still share the load
-                queue = (leave - position) * ((alone / 2 if busy else 0.0) + busy * marginal(s, alone))
                 penalty = costs.cache_penalty_s if s.cache_tokens_left < cache_tokens else 0.0
-                total = cost + link_delay(rtt, rtts, costs) + work + queue + penalty
+                total = (cost + link_delay(rtt, rtts, costs) + costs.hop_overhead_s + penalty
+                         + (leave - position) * per_layer[s.server_id])
                 key = (leave, s.server_id)
                 candidate = (total, rng.random(), hops + [Hop(s, Span(position, leave))])
                 if key not in best or candidate[:2] < best[key][:2]:

@@ -43,6 +43,10 @@ class GatewaySettings(BaseSettings):
                                                                   "or dyn8 (8-bit blockwise, about half of bf16's "
                                                                   "bytes; logits move by a few percent of their range; "
                                                                   "never the KV cache nor gradients)")
+    verify_rate: float = Field(0.0, ge=0, le=1, description="repeat this fraction of steps on another server of "
+                                                           "the same layers and compare; a server whose results "
+                                                           "disagree is banned (0: trust the swarm; 0.05 costs a few "
+                                                           "percent)")
     max_history_mib: float = Field(512.0, ge=0, description="input history a session keeps for failover; beyond "
                                                             "it a failed hop is repaired by recomputing the sequence")
     batch_linger_s: float = Field(0.01, ge=0, le=1, description="a sampling tick may wait this long for other "
@@ -62,7 +66,13 @@ class GatewaySettings(BaseSettings):
                                                        "trust it through the system's CAs or SSL_CERT_FILE")
     ssl_keyfile: str | None = Field(None, description="the certificate's PEM private key")
     max_frame_bytes: int = Field(64 * 2**20, ge=1024, description="largest WebSocket frame to send or accept")
-    swarm_secret: str | None = Field(None, description="require this join secret of blockservers' heartbeats")
+    swarm_secret: str | None = Field(None, description="the swarm's join secret: blockservers must prove they know it "
+                                                       "(an HMAC of each heartbeat; the secret never crosses the network)")
+    max_servers_per_source: int = Field(64, ge=1, description="live blockserver records one address may hold; more "
+                                                             "are refused (a flood of fake servers)")
+    identity_file: str | None = Field(None, description="this gateway's Ed25519 key, which signs the sessions it "
+                                                        "grants (created there if missing; default: a new key each "
+                                                        "start)")
     ping_interval_s: float = Field(5.0, gt=0, description="how often to measure the round trip to each "
                                                           "blockserver, for routing")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503s", json_schema_extra={"flag": False})

@@ -17,6 +17,7 @@ from gateway.admission import Admission
 from gateway.chain import ChainConfig
 from gateway.channel import Connect, websocket_connect
 from gateway.errors import APIError
+from gateway.membership import Membership
 from gateway.model import GatewayModel
 from gateway.settings import GatewaySettings
 from gateway.swarm import Swarm
@@ -33,6 +34,7 @@ class GatewayState:
     model: GatewayModel | None = None  # None while loading
     started_at: int = field(default_factory=lambda: int(time.time()))
     metrics: object | None = None  # gateway.metrics.GatewayMetrics, set by the app
+    membership: Membership | None = None  # who may join; grants sessions (set by the app)
     # tokenizing, chat templates and grammar compilation: seconds of work for a big request, kept
     # off the event loop (heartbeats, other streams) and done one request at a time
     prep: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "gateway-prep"))

@@ -73,6 +73,9 @@ class Swarm:
         self.model: ServedModel | None = None  # set once the gateway's model is loaded
         self._rng = rng or random.Random()
         self._mismatches_logged: set[str] = set()
+        self.verifier = None  # gateway.verify.Verifier with --verify-rate above 0 (the app sets it)
+        # signs this gateway's grant for a session on a server (gateway.membership; the app sets it)
+        self.grant: Callable[..., dict | None] = lambda server_id, session_id="*": None
 
     # ---- records
     def heartbeat(self, info: ServerInfo) -> bool:
@@ -169,4 +172,5 @@ class Swarm:
             "coverage": counts, "layer_throughput": throughput,
             "missing_layers": [i for i, c in enumerate(counts) if c == 0],
             "failover": asdict(self.failovers),
+            "verification": asdict(self.verifier.stats) if self.verifier is not None else None,
         }

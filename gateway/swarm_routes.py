@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 
 import httpx
@@ -12,29 +11,39 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 
 from gateway.errors import APIError
+from gateway.membership import Refused
 from gateway.state import GatewayState, ModelDep, StateDep, check_api_key
 from shared.errors import ModelMismatch
-from shared.records import HEARTBEAT_PATH, SECRET_HEADER, SERVERS_PATH, ServerInfo
+from shared.identity import TOKEN_HEADER
+from shared.records import GRANT_PATH, HEARTBEAT_PATH, SERVERS_PATH, ServerInfo
 
 router = APIRouter()
 _first_pings: set[asyncio.Task] = set()
 
 
-def check_secret(request: Request, state: GatewayState) -> None:
-    secret = state.settings.swarm_secret
-    if secret and not hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), secret.encode()):
-        raise APIError(403, "this swarm needs its join secret (blockserver --swarm-secret)",
-                       "permission_error", code="bad_swarm_secret")
+def _refused(exc: Refused) -> APIError:
+    return APIError(exc.status, exc.message, "permission_error" if exc.status == 403 else "invalid_request_error",
+                    code=exc.code)
 
 
 @router.post(HEARTBEAT_PATH)
-async def heartbeat(info: ServerInfo, request: Request, state: StateDep):
-    """A blockserver's heartbeat: its record, renewed for its TTL (offline removes it). A record of
-    another model than this gateway's is refused with 409, naming both models."""
-    check_secret(request, state)
+async def heartbeat(request: Request, state: StateDep):
+    """A blockserver's heartbeat: a signed envelope of its record (shared/identity.py), renewed for
+    its TTL (offline removes it). Refused: 403 unsigned, replayed, or without the swarm's secret;
+    400 an invalid record; 409 another model; 429 too many servers from one address. The answer
+    carries this gateway's public key, whose grants the blockserver is to honour."""
+    try:
+        envelope = await request.json()
+    except ValueError:
+        raise APIError(400, "expected a JSON heartbeat envelope") from None
     if state.model is None:
         raise APIError(503, "the gateway is still loading its model", "server_error", code="loading",
                        headers={"Retry-After": "1"})
+    source = request.client.host if request.client else "?"
+    try:
+        info = state.membership.admit(envelope, source, state.swarm.registry, state.model.num_layers)
+    except Refused as exc:
+        raise _refused(exc) from None
     try:
         new = state.swarm.heartbeat(info)
     except ModelMismatch as exc:
@@ -44,7 +53,7 @@ async def heartbeat(info: ServerInfo, request: Request, state: StateDep):
         task = asyncio.create_task(_first_ping(state, info))
         _first_pings.add(task)
         task.add_done_callback(_first_pings.discard)
-    return {"ok": True, "model": state.model.facts.fingerprint}
+    return {"ok": True, "model": state.model.facts.fingerprint, "gateway_key": state.membership.identity.public_key}
 
 
 async def _first_ping(state: GatewayState, info: ServerInfo) -> None:
@@ -55,8 +64,24 @@ async def _first_ping(state: GatewayState, info: ServerInfo) -> None:
 @router.get(SERVERS_PATH)
 async def servers(request: Request, state: StateDep, _: ModelDep):
     """Every live blockserver record of this gateway's model (joining ones included)."""
-    check_secret(request, state)
+    try:
+        state.membership.check_read(request.headers.get(TOKEN_HEADER))
+    except Refused as exc:
+        raise _refused(exc) from None
     return [s.model_dump(mode="json") for s in state.swarm.records()]
+
+
+@router.get(GRANT_PATH, dependencies=[Depends(check_api_key)])
+async def grant(server_id: str, request: Request, state: StateDep, _: ModelDep):
+    """A grant for stateless passes (forward, backward) on one server, for a fine-tuning client
+    (gateway.tuning) that holds the swarm's secret and, when the gateway has one, the API key."""
+    try:
+        state.membership.check_read(request.headers.get(TOKEN_HEADER))
+    except Refused as exc:
+        raise _refused(exc) from None
+    if server_id not in state.swarm.registry:
+        raise APIError(404, "no such server in this swarm", param="server_id")
+    return state.membership.grant(server_id)
 
 
 @router.get("/v1/swarm", dependencies=[Depends(check_api_key)])

@@ -43,16 +43,42 @@ from gateway.swarm import ServedModel, Swarm
 from shared import protocol
 from shared.dtypes import COMPUTE_DTYPES
 from shared.errors import BadRequest, CorollaError, ProtocolError, SessionLost, Unavailable
+from shared.identity import MAX_SKEW_S, read_token
 from shared.models.base import ModelEnds
 from shared.models.loader import load_ends, load_facts
 from shared.models.resolve import resolve_model, served_name
-from shared.records import SECRET_HEADER, SERVERS_PATH, ServerInfo
+from shared.records import GRANT_PATH, SERVERS_PATH, ServerInfo
 
 log = logging.getLogger(__name__)
 
 FAULTS = (SessionLost, ProtocolError)  # the server's fault: ban it
 RETRYABLE = (Unavailable, ProtocolError, BadRequest)
 Records = Callable[[], Awaitable[list[ServerInfo]]]
+Grants = Callable[[str], Awaitable[dict | None]]  # a grant for stateless passes on a server
+
+
+async def _now(value):
+    return value
+
+
+class GatewayGrants:
+    """Grants fetched from the gateway (GRANT_PATH) for a client outside it, each kept for half
+    its validity."""
+
+    def __init__(self, gateway: str, headers: Callable[[], dict]):
+        self.gateway, self.headers = gateway, headers
+        self._kept: dict[str, tuple[float, dict]] = {}
+
+    async def __call__(self, server_id: str) -> dict | None:
+        kept = self._kept.get(server_id)
+        if kept is not None and time.monotonic() - kept[0] < MAX_SKEW_S / 2:
+            return kept[1]
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(self.gateway + GRANT_PATH.format(server_id=server_id), headers=self.headers())
+        if response.status_code != 200:
+            raise Unavailable(f"the gateway gave no grant for {server_id} ({response.status_code})")
+        self._kept[server_id] = (time.monotonic(), response.json())
+        return self._kept[server_id][1]
 
 
 @dataclass
@@ -69,8 +95,9 @@ class RemoteLayers:
 
     def __init__(self, swarm: Swarm, records: Records, connect: Connect = websocket_connect,
                  step_timeout_s: float = 120.0, failover_timeout_s: float = 60.0, max_frame_bytes: int = 64 * 2**20,
-                 refresh_s: float = 5.0):
+                 refresh_s: float = 5.0, grants: Grants | None = None):
         self.swarm, self._records, self._connect = swarm, records, connect
+        self._grants = grants or (lambda server_id: _now(swarm.grant(server_id)))  # in a gateway: it signs them
         self.step_timeout_s, self.failover_timeout_s = step_timeout_s, failover_timeout_s
         self.max_frame_bytes, self.refresh_s = max_frame_bytes, refresh_s
         self._refreshed = 0.0
@@ -156,7 +183,8 @@ class RemoteLayers:
             tensors["mask"] = trace.mask
         if trace.prompts is not None:
             tensors["prompts"] = trace.prompts[hop.span.start:hop.span.end].to(dtype)
-        frame = protocol.encode(kind(model=self.swarm.model.fingerprint, span=[hop.span.start, hop.span.end]), tensors)
+        frame = protocol.encode(kind(model=self.swarm.model.fingerprint, span=[hop.span.start, hop.span.end],
+                                     grant=await self._grants(server.server_id)), tensors)
         channel = self._channels.get(server.server_id)
         try:
             if channel is None:
@@ -273,7 +301,8 @@ class PromptTuning(nn.Module):
 
     @classmethod
     def connect(cls, gateway: str, model: str | None = None, prompt_length: int = 16, deep: bool = False,
-                swarm_secret: str | None = None, cache_dir: str | None = None, **options) -> PromptTuning:
+                swarm_secret: str | None = None, cache_dir: str | None = None, api_key: str | None = None,
+                **options) -> PromptTuning:
         """A client of the swarm behind `gateway` for `model` (a reference the local machine can
         resolve to the same files: its ends run here; default: the built-in SmolLM2)."""
         directory = resolve_model(model, cache_dir)
@@ -283,16 +312,19 @@ class PromptTuning(nn.Module):
         if served.get("fingerprint") not in (None, facts.fingerprint):
             raise BadRequest(f"the gateway serves another model (fingerprint {served['fingerprint']}) than "
                              f"{directory} (fingerprint {facts.fingerprint})")
-        headers = {SECRET_HEADER: swarm_secret} if swarm_secret else {}
+
+        def headers() -> dict:  # fresh: the secret's token carries a time stamp
+            return read_token(swarm_secret) | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
 
         async def records() -> list[ServerInfo]:
-            async with httpx.AsyncClient(headers=headers, timeout=10) as client:
+            async with httpx.AsyncClient(headers=headers(), timeout=10) as client:
                 response = await client.get(f"{gateway}{SERVERS_PATH}")
                 response.raise_for_status()
                 return [ServerInfo.model_validate(r) for r in response.json()]
 
         name = served_name(model, directory)
-        return cls.over(records, directory, prompt_length, deep, name=name, **options)
+        return cls.over(records, directory, prompt_length, deep, name=name, grants=GatewayGrants(gateway, headers),
+                        **options)
 
     @classmethod
     def over(cls, records: Records, directory: Path, prompt_length: int = 16, deep: bool = False,

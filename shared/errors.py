@@ -9,7 +9,9 @@
     │   ├── CacheFull         no KV-cache room within the allocation timeout (back-pressure, not a fault)
     │   ├── Overloaded        the gateway's admission queue is full or the wait ran out (HTTP 429)
     │   ├── SessionLost       a server dropped a session (socket closed, no reply): a fault
-    │   └── SessionExpired    a server freed an idle session; the peer was slow, not the server
+    │   ├── SessionExpired    a server freed an idle session; the peer was slow, not the server
+    │   ├── Unauthorized      a server refused a session no gateway it serves has granted
+    │   └── WrongResult       a server's result failed verification: a fault worth a ban
     └── ProtocolError         a peer sent a message that breaks the wire protocol (a fault)
 
 Foreign exceptions are translated at one boundary (`raise Unavailable(...) from exc`).
@@ -66,6 +68,14 @@ class SessionLost(Unavailable):
 
 class SessionExpired(Unavailable):
     code = "session_expired"
+
+
+class Unauthorized(Unavailable):
+    code = "unauthorized"
+
+
+class WrongResult(Unavailable):
+    code = "wrong_result"
 
 
 class ProtocolError(CorollaError):

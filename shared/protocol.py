@@ -63,8 +63,14 @@ class Header(BaseModel):
     optional_tensors: ClassVar[frozenset[str]] = frozenset()
 
 
+# A gateway's signed grant (shared/identity.py): {payload, public_key, signature}
+Grant = Annotated[dict[Annotated[StrictStr, Field(max_length=32)], Annotated[StrictStr, Field(max_length=8192)]],
+                  Field(max_length=4)]
+
+
 class Open(Header):
     type: Literal["open"] = "open"
+    grant: Grant | None = None  # required by blockservers that serve gateways
     session_id: SessionId
     model: Annotated[StrictStr, Field(min_length=1, max_length=128)]  # the model's fingerprint
     span: LayerRange  # the layers this session runs, within the server's span
@@ -103,6 +109,7 @@ class Close(Header):
 
 class Forward(Header):
     type: Literal["forward"] = "forward"
+    grant: Grant | None = None
     model: Annotated[StrictStr, Field(min_length=1, max_length=128)]
     span: LayerRange
     wire: Literal["raw", "dyn8"] = "raw"
@@ -112,6 +119,7 @@ class Forward(Header):
 
 class Backward(Header):
     type: Literal["backward"] = "backward"
+    grant: Grant | None = None
     model: Annotated[StrictStr, Field(min_length=1, max_length=128)]
     span: LayerRange
     required_tensors = frozenset({"hidden", "grad"})

@@ -120,6 +120,6 @@ class ServerInfo(BaseModel):
 
 
 # The registry's HTTP contract (gateway routes that blockservers call).
-SECRET_HEADER = "X-Corolla-Swarm-Secret"
-HEARTBEAT_PATH = "/registry/heartbeat"
-SERVERS_PATH = "/registry/servers"
+HEARTBEAT_PATH = "/registry/heartbeat"  # POST a signed envelope of a ServerInfo (shared/identity.py)
+SERVERS_PATH = "/registry/servers"  # GET the live records; with a secret, its token header
+GRANT_PATH = "/registry/grant/{server_id}"  # GET a grant for stateless passes (fine-tuning clients)

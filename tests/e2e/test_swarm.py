@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shared.identity import read_token
 from tests.e2e.delay_proxy import DelayProxy
 from tests.e2e.swarm import Swarm, free_port
 
@@ -86,13 +87,13 @@ def test_a_blockserver_without_the_secret_is_refused(swarms):
     wait_for(lambda: "refused the heartbeat: 403" in next(swarm.log_dir.glob("blockserver-0-6-*.log")).read_text(),
              60, "the outsider's heartbeat to be refused")
     assert outsider.poll() is None
-    secret = {"X-Corolla-Swarm-Secret": "open-sesame"}
-    assert httpx.get(f"{swarm.url}/registry/servers", headers=secret).json() == []
+    assert httpx.get(f"{swarm.url}/registry/servers", headers=read_token("open-sesame")).json() == []
     assert httpx.get(f"{swarm.url}/registry/servers").status_code == 403
+    assert httpx.get(f"{swarm.url}/registry/servers", headers=read_token("guess")).status_code == 403
     assert httpx.get(f"{swarm.url}/health").status_code == 503
     swarm.add_blockserver("0:6", extra=["--swarm-secret", "open-sesame"])
     wait_for(lambda: covered(swarm), 60, "the member to register")
-    assert len(httpx.get(f"{swarm.url}/registry/servers", headers=secret).json()) == 1
+    assert len(httpx.get(f"{swarm.url}/registry/servers", headers=read_token("open-sesame")).json()) == 1
     complete(swarm)
 
 

@@ -70,7 +70,7 @@ class Fault:
     """Make server `server_id` fail at its `at_step`-th step frame (0-based, counted over all of its
     sessions): 'drop' closes the socket, 'hang' never answers, 'garbage' answers a frame of junk,
     'nan' answers non-finite hidden states, 'refuse' and 'full' answer bad_request / cache_full
-    error frames."""
+    error frames; 'lie' answers perturbed hidden states from then on (to steps and passes alike)."""
 
     server_id: str
     at_step: int
@@ -92,11 +92,18 @@ class FaultyChannel:
         if self._pending_fault == "drop":
             self.inner.abort()
             raise SessionLost("dropped on purpose")
-        if self._pending_fault in (None, "nan"):
+        if self._pending_fault in (None, "nan", "lie"):
             await self.inner.send(frame)
 
     async def recv(self) -> bytes:
         fault, self._pending_fault = self._pending_fault, None
+        if self.fault.kind == "lie" and self.fault.seen > self.fault.at_step:
+            # from its at_step-th step on, every hidden state it returns (steps and passes) is off
+            reply = protocol.decode(await self.inner.recv(), 1 << 30)
+            if "hidden" not in reply.tensors:
+                return protocol.encode(reply.header, reply.tensors)
+            hidden = reply.tensors["hidden"]
+            return protocol.encode(reply.header, reply.tensors | {"hidden": hidden + 0.5 * hidden.float().std()})
         if fault == "hang":
             await asyncio.Event().wait()
         if fault == "garbage":
