@@ -97,6 +97,9 @@ class SessionHandler:
                     last_work = time.monotonic()
                 except CorollaError as exc:
                     reply = protocol.error_frame(exc.code, exc.message)
+                except Exception:  # a bug must cost one frame, not the socket and its session
+                    log.exception("unexpected error handling a frame")
+                    reply = protocol.error_frame(CorollaError.code, "internal error handling this frame")
                 await ws.send_bytes(reply)
         except WebSocketDisconnect:
             pass

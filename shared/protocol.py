@@ -191,8 +191,9 @@ def decode(frame: bytes, max_frame_bytes: int) -> Message:
     if not isinstance(fields, dict):
         raise ProtocolError("the header must be a map")
     descriptors = fields.pop("tensors", [])
-    if fields.get("type") not in MESSAGE_TYPES:
-        raise ProtocolError(f"unknown message type {fields.get('type')!r}")
+    kind = fields.get("type")
+    if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
+        raise ProtocolError(f"unknown message type {repr(kind)[:64]}")
     try:
         header = _HEADERS.validate_python(fields)
     except ValidationError as exc:
@@ -234,19 +235,20 @@ def _check_descriptor(d) -> tuple[str, torch.dtype, list[int], int, str]:
         raise ProtocolError("a tensor descriptor must be a map")
     name, dtype_name, shape, nbytes = d.get("name"), d.get("dtype"), d.get("shape"), d.get("nbytes")
     codec = d.get("codec", "raw")
-    if not isinstance(name, str) or dtype_name not in WIRE_DTYPES or codec not in WIRE_CODECS or \
+    if not isinstance(name, str) or not isinstance(dtype_name, str) or not isinstance(codec, str) or \
+            dtype_name not in WIRE_DTYPES or codec not in WIRE_CODECS or \
             (codec == "dyn8" and WIRE_DTYPES[dtype_name] not in COMPRESSIBLE):
-        raise ProtocolError(f"bad tensor descriptor {d!r} (dtypes: {', '.join(WIRE_DTYPES)}; codecs: "
+        raise ProtocolError(f"bad tensor descriptor {repr(d)[:200]} (dtypes: {', '.join(WIRE_DTYPES)}; codecs: "
                             f"{', '.join(WIRE_CODECS)}, dyn8 for floating tensors only)")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-        raise ProtocolError(f"bad shape {shape!r} for tensor {name!r}")
+        raise ProtocolError(f"bad shape {repr(shape)[:200]} for tensor {name!r}")
     dtype = WIRE_DTYPES[dtype_name]
     numel = 1
     for s in shape:
         numel *= s
     want = payload_bytes(numel) if codec == "dyn8" else numel * dtype.itemsize
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes != want:
-        raise ProtocolError(f"tensor {name!r}: {nbytes!r} bytes do not match shape {shape} of {dtype_name} "
+        raise ProtocolError(f"tensor {name!r}: {repr(nbytes)[:40]} bytes do not match shape {shape} of {dtype_name} "
                             f"({codec})")
     return name, dtype, shape, nbytes, codec
