@@ -28,7 +28,7 @@ class APIError(Exception):
 
 # where a blockserver listens is the swarm's business, not an API client's: addresses are cut from
 # every message a client gets (the gateway's log keeps them)
-_ADDRESS = re.compile(r"\b(?:https?|wss?)://[^\s'\"),;]+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9a-fA-F:]+\](?::\d+)?")
+_ADDRESS = re.compile(r"\b(?:https?|wss?)://[^\s'\"),;]*[^\s'\"),;:.]|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9a-fA-F:]+\](?::\d+)?")
 
 
 def redact(message: str) -> str:

@@ -27,6 +27,10 @@ class Registry:
             return
         self._entries[info.server_id] = Entry(info, self._clock() + info.ttl_s)
 
+    def get(self, server_id: str) -> ServerInfo | None:
+        entry = self._entries.get(server_id)
+        return entry.info if entry is not None and entry.expires_at > self._clock() else None
+
     def ids(self) -> list[str]:
         """Ids of the live records."""
         now = self._clock()

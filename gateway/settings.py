@@ -45,8 +45,8 @@ class GatewaySettings(BaseSettings):
                                                                   "never the KV cache nor gradients)")
     verify_rate: float = Field(0.0, ge=0, le=1, description="repeat this fraction of steps on another server of "
                                                            "the same layers and compare; a server whose results "
-                                                           "disagree is banned (0: trust the swarm; 0.05 costs a few "
-                                                           "percent)")
+                                                           "disagree is banned (0: trust the swarm; bench/verify.py "
+                                                           "measures the cost)")
     max_history_mib: float = Field(512.0, ge=0, description="input history a session keeps for failover; beyond "
                                                             "it a failed hop is repaired by recomputing the sequence")
     batch_linger_s: float = Field(0.01, ge=0, le=1, description="a sampling tick may wait this long for other "

@@ -79,7 +79,7 @@ class Swarm:
 
     # ---- records
     def heartbeat(self, info: ServerInfo) -> bool:
-        """Take a heartbeat; True when the server is new (worth a first ping at once).
+        """Take a heartbeat; True when the server is newly online (worth a first ping at once).
         A record of another model is refused with ModelMismatch, logged once per server."""
         model = self.model
         if model is not None and info.model != model.fingerprint:
@@ -89,15 +89,23 @@ class Swarm:
                 self._mismatches_logged.add(info.server_id)
                 log.warning("refused: %s", message)
             raise ModelMismatch(message)
-        new = info.server_id not in self.registry
+        before = self.registry.get(info.server_id)
         self.registry.heartbeat(info)
-        return new and info.state == ServerState.online
+        return info.state == ServerState.online and (before is None or before.state != ServerState.online)
 
     def records(self) -> list[ServerInfo]:
         """Every live record of our model, any state."""
         if self.model is None:
             return []
         return self.registry.servers(self.model.fingerprint)
+
+    def members(self) -> list[ServerInfo]:
+        """What blockservers plan with (span choice, rebalancing, next-hop pings): joining records,
+        and online ones this gateway has reached and not banned. A record whose URL answers nobody,
+        or whose results were wrong, must not steer where real servers go."""
+        banned = self.bans.active()
+        return [s for s in self.records() if s.state == ServerState.joining
+                or (s.server_id in self.rtts.seconds and s.server_id not in banned)]
 
     def online(self) -> list[ServerInfo]:
         return [s for s in self.records() if s.state == ServerState.online]

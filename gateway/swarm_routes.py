@@ -68,7 +68,7 @@ async def servers(request: Request, state: StateDep, _: ModelDep):
         state.membership.check_read(request.headers.get(TOKEN_HEADER))
     except Refused as exc:
         raise _refused(exc) from None
-    return [s.model_dump(mode="json") for s in state.swarm.records()]
+    return [s.model_dump(mode="json") for s in state.swarm.members()]
 
 
 @router.get(GRANT_PATH, dependencies=[Depends(check_api_key)])

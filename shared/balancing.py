@@ -26,6 +26,7 @@ class Placement:
     start: int
     length: int
     throughput: float
+    online: bool = True  # serving now (a joining server is only a plan)
 
     @property
     def end(self) -> int:
@@ -33,9 +34,20 @@ class Placement:
 
 
 def placements(servers: list[ServerInfo]) -> list[Placement]:
-    """Servers that count for balancing: online and joining (so simultaneous joiners avoid each other)."""
-    return [Placement(s.server_id, s.start, s.end - s.start, s.throughput) for s in servers
-            if s.state != ServerState.offline]
+    """Servers that count for balancing: online and joining (so simultaneous joiners avoid each other).
+
+    A joining server is not serving yet, so nothing has checked what it claims: it counts with at
+    most the median throughput of the online ones (and with the median of the joiners' claims when
+    none is online), so that fake joiners claiming huge speeds cannot push real servers away from
+    the layers they cover. Gateways list only online servers they could reach."""
+    online = sorted(s.throughput for s in servers if s.state == ServerState.online)
+    joining = sorted(s.throughput for s in servers if s.state == ServerState.joining)
+    typical = online or joining
+    cap = typical[len(typical) // 2] if typical else 0.0
+    return [Placement(s.server_id, s.start, s.end - s.start,
+                      s.throughput if s.state == ServerState.online else min(s.throughput, cap),
+                      s.state == ServerState.online)
+            for s in servers if s.state != ServerState.offline]
 
 
 def layer_throughputs(servers: list[Placement], num_layers: int) -> list[float]:
@@ -100,7 +112,8 @@ def should_move(me: Placement, servers: list[Placement], num_layers: int, balanc
 
     Simulates `me` moving to its best window and everyone then best-responding; moves only if the
     swarm's weakest layer would grow enough that current/new < balance_quality, and never if
-    leaving would uncover a layer."""
+    leaving would uncover a layer: one that no other server covers, or that no other *online*
+    server serves (joining servers, unproven, cannot lure a serving one away)."""
     rng = rng or random.Random()
     others = [s for s in servers if s.server_id != me.server_id]
     throughputs = layer_throughputs(others + [me], num_layers)
@@ -109,6 +122,9 @@ def should_move(me: Placement, servers: list[Placement], num_layers: int, balanc
     _move(without_me, me.start, me.length, -me.throughput * (1 + EPS))
     if initial > EPS and min(without_me) <= 0:
         return None  # I am the only server of some layer
+    serving = layer_throughputs([s for s in others if s.online], num_layers)
+    if me.online and min(serving[me.start:me.end]) <= 0:
+        return None  # I am the only online server of some layer of mine
     start = best_start(without_me, me.length)
     if start == me.start:
         return None

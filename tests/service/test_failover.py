@@ -78,3 +78,17 @@ def test_no_replacement_fails_cleanly_within_the_deadline(tiny_dir):
     events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert streamed.status_code == 200 and events[-1] == "[DONE]" and "error" in json.loads(events[-2])
     assert swarm.failovers.given_up == 1 and swarm.load == {}
+
+
+def test_error_messages_carry_no_server_addresses(tiny_dir):
+    async def scenario():
+        async with in_process_swarm(tiny_dir("llama"), {"a": "0:3", "b": "3:6"},
+                                    gateway={"failover_timeout_s": 0.5}) as swarm:
+            del swarm.blockservers["b"]  # its record stays; connecting fails "cannot connect to http://…"
+            whole = await complete(swarm)
+            streamed = await complete(swarm, stream=True)
+            return whole, streamed
+    whole, streamed = asyncio.run(scenario())
+    assert whole.status_code == 503
+    for text in (whole.text, streamed.text):
+        assert "inprocess" not in text and "http" not in text, text

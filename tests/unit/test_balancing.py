@@ -107,3 +107,25 @@ def test_a_batching_server_costs_little_per_extra_session():
     t = Throughput(decode_tokens_per_s=100, batch_decode_tokens_per_s=1000, prefill_tokens_per_s=500,
                    network_tokens_per_s=1e6)
     assert t.announced(9) == 1000 / 5
+
+
+def test_fake_joiners_claiming_huge_speeds_cannot_lure_serving_servers_away():
+    from dataclasses import replace
+
+    from shared.balancing import placements
+
+    def info(server_id, start, end, throughput, state="online"):
+        return ServerInfo(server_id=server_id, url="http://127.0.0.1:9", model="fp", start=start, end=end,
+                          throughput=throughput, state=state)
+
+    # a alone serves 0:15; forty fake joiners "cover" it at 1e9 tokens/s each
+    real = [info("a", 0, 15, 10.0), info("b", 15, 30, 10.0)]
+    fakes = [info(f"fake-{i:02d}", 0, 15, 1e9, state="joining") for i in range(40)]
+    swarm = placements(real + fakes)
+    assert {p.throughput for p in swarm if not p.online} == {10.0}  # claims cut to the online median
+    a = next(p for p in swarm if p.server_id == "a")
+    # were the fakes believed to serve, a would leave 0:15 for b's layers ...
+    believed = [replace(p, online=True) for p in swarm]
+    assert should_move(a, believed, 30, 0.75, random.Random(0)) is not None
+    # ... but a serving server never leaves layers no other online server serves
+    assert should_move(a, swarm, 30, 0.75, random.Random(0)) is None

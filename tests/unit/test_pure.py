@@ -176,3 +176,15 @@ def test_error_codes_map_back_to_the_exception_tree():
     assert CorollaError.for_code(7) is Unavailable
 
 
+
+
+def test_client_messages_lose_server_addresses():
+    from gateway.errors import from_corolla, redact
+    from shared.errors import SessionLost
+
+    assert redact("cannot connect to http://10.0.0.2:31330: refused") == "cannot connect to <server>: refused"
+    assert redact("wss://bs.lan:443/ws dropped; 192.168.1.7:8000 and [fe80::1]:9 too") == \
+        "<server> dropped; <server> and <server> too"
+    assert redact("layers 3:6 of 30, ids bs-abc, 0.5s") == "layers 3:6 of 30, ids bs-abc, 0.5s"
+    error = from_corolla(SessionLost("bs-1 at https://10.1.2.3:8443 gave no reply"), 5)
+    assert "10.1.2.3" not in error.message and "<server>" in error.message
