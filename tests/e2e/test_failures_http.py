@@ -82,3 +82,35 @@ def test_failure_after_the_stream_started_ends_with_an_error_event(lonely):
     assert "error" in events[-2] and events[-2]["error"]["message"]
     assert all("choices" in e for e in events[:-2])
     assert len(events) < 200  # it stopped early, with an error, not silently
+
+
+def test_hostile_clients_of_a_real_swarm(lonely):
+    """A 10 MB body is refused at once while /health stays quick; a blockserver's socket serves
+    nobody without a grant from its gateway."""
+    import time
+
+    from websockets.sync.client import connect
+
+    from shared import protocol
+
+    wait_servers(lonely, 2)
+    big = b'{"model": "llama", "prompt": "' + b"x" * (10 * 2**20) + b'"}'
+    started = time.monotonic()
+    r = httpx.post(f"{lonely.url}/v1/completions", content=big, timeout=30,
+                   headers=AUTH | {"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert time.monotonic() - started < 2
+    started = time.monotonic()
+    httpx.get(f"{lonely.url}/health", timeout=5)
+    assert time.monotonic() - started < 1
+
+    server = httpx.get(f"{lonely.url}/v1/swarm", headers=AUTH).json()["servers"][0]
+    fingerprint = httpx.get(f"{lonely.url}/health").json()["fingerprint"]
+    url = server["url"].replace("http://", "ws://") + "/ws"
+    with connect(url, compression=None) as ws:
+        ws.send(protocol.encode(protocol.Open(session_id="squat", model=fingerprint,
+                                              span=[server["start"], server["end"]], max_length=64,
+                                              dtype=server["dtype"])))
+        reply = protocol.decode(ws.recv(), 1 << 20).header
+        assert isinstance(reply, protocol.Error) and reply.code == "unauthorized", reply
+    assert httpx.get(f"{server['url']}/health").json()["sessions"] == 0
