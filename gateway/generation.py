@@ -148,7 +148,7 @@ class Generation:
         counts = torch.zeros(len(self.rows), model.vocab_size)
         hidden = await self._step(await self._embed(sequence), mask, sequence, mask)
         if request.echo:  # the prefill's hidden states score the prompt: no pass of its own
-            for event in await self._echo(hidden):
+            for event in await self._echo(hidden if request.logprobs is not None else None):
                 yield event
         while True:
             chosen, embedded, scores = await model.sample(hidden[:, -1:], counts, request.params, generator,

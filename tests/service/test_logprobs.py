@@ -189,3 +189,20 @@ def test_prompt_scores_in_other_families(tiny_dir, family):
         got = choice["logprobs"]["token_logprobs"]
         assert got[0] is None
         assert max(abs(got[i] - float(want[i - 1, prompt[i]])) for i in range(1, len(prompt))) < TOL
+
+
+def test_echo_without_logprobs_prepends_the_prompt(tiny_dir):
+    """Found by tests/service/test_fuzz_requests.py: echo with max_tokens > 0 and no logprobs
+    scored the prompt with `None` alternatives (a 500)."""
+    async def scenario():
+        async with in_process_swarm(tiny_dir("llama"), SPANS) as swarm:
+            body = {"model": "tiny", "prompt": "ab", "max_tokens": 4, "temperature": 0, "logit_bias": NO_EOS}
+            plain = await swarm.client.post("/v1/completions", json=body)
+            echoed = await swarm.client.post("/v1/completions", json=body | {"echo": True})
+            streamed = await swarm.client.post("/v1/completions", json=body | {"echo": True, "stream": True})
+            return plain, echoed, streamed
+    plain, echoed, streamed = asyncio.run(scenario())
+    assert echoed.status_code == 200 and echoed.json()["choices"][0]["logprobs"] is None
+    assert echoed.json()["choices"][0]["text"] == "ab" + plain.json()["choices"][0]["text"]
+    assert "".join(e["choices"][0]["text"] for e in events(streamed.text) if e["choices"]) == \
+        echoed.json()["choices"][0]["text"]
