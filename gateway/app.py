@@ -62,7 +62,7 @@ def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: C
                   description="OpenAI-compatible API over a swarm of blockservers.")
     app.state.gateway = state
     state.membership = Membership(Identity.load_or_create(settings.identity_file, "gw"), settings.swarm_secret,
-                                  settings.max_servers_per_source)
+                                  settings.max_servers_per_source, settings.max_servers)
     state.swarm.grant = state.membership.grant
     if settings.verify_rate > 0:
         state.swarm.verifier = Verifier(settings.verify_rate, state.swarm, connect, state.chain_config)

@@ -136,7 +136,7 @@ class HopSession:
             raise ProtocolError(f"{self.server.server_id} returned non-finite hidden states")
         verifier = self.swarm.verifier
         if verifier is not None and self.history is not None and self.prompts is None and verifier.wanted():
-            inputs, inputs_mask = _concat(self.history + [(hidden, mask)])
+            inputs, inputs_mask = await asyncio.to_thread(_concat, self.history + [(hidden, mask)])
             await verifier.check(self.server, self.span.start, self.span.end, inputs, inputs_mask, out)
         if self.history is not None:
             self.history.append((hidden, mask))
@@ -277,7 +277,7 @@ class ChainSession:
         if failed.history is None:
             raise NeedsRecompute(f"layers {failed.span} lost their server ({error})")
         history = failed.history + ([(hidden.to(failed.dtype), mask)] if hidden is not None else [])
-        replay, replay_mask = _concat(history)
+        replay, replay_mask = await asyncio.to_thread(_concat, history)  # tens of MB: not on the event loop
         deadline = time.monotonic() + self.config.failover_timeout_s
         while True:
             replacement: list[HopSession] = []

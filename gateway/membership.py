@@ -2,7 +2,8 @@
 
 A heartbeat is admitted when its envelope verifies (shared/identity.py), its record's id is the
 id of the key that signed it, its time stamp is newer than the last one taken from that id, its
-record fits the model, and its source address holds fewer than `max_per_source` live records. The
+record fits the model, its source address holds fewer than `max_per_source` live records and the
+registry fewer than `max_servers`. The
 gateway signs a grant for every session it opens on a blockserver (and for stateless passes), and
 blockservers serve nothing else."""
 
@@ -36,9 +37,10 @@ class Refused(Exception):
 
 
 class Membership:
-    def __init__(self, identity: Identity, secret: str | None, max_per_source: int,
+    def __init__(self, identity: Identity, secret: str | None, max_per_source: int, max_servers: int = 1024,
                  clock=time.time):
         self.identity, self.secret, self.max_per_source = identity, secret, max_per_source
+        self.max_servers = max_servers
         self._clock = clock
         self._last: dict[str, float] = {}  # server id -> newest time stamp taken (kept past the record)
         self._source: dict[str, str] = {}  # server id -> address its heartbeats came from
@@ -64,6 +66,9 @@ class Membership:
             raise Refused(400, f"span {info.start}:{info.end} ends past the model's {num_layers} layers", "bad_record")
         live = set(registry.ids())
         if info.server_id not in live:
+            if len(live) >= self.max_servers:
+                raise Refused(429, f"this swarm's registry is full ({len(live)} servers; gateway --max-servers)",
+                              "too_many_servers")
             from_source = sum(1 for i in live if self._source.get(i) == source)
             if from_source >= self.max_per_source:
                 raise Refused(429, f"{source} already has {from_source} servers in this swarm (the most one address "

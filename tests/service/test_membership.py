@@ -88,6 +88,12 @@ async def _gateway_scenario(directory):
             others = [Identity.generate() for _ in range(2)]
             answers = [(await post(o.sign(HEARTBEAT, record(o, fingerprint), SECRET))).status_code for o in others]
             assert answers == [200, 429]  # me, the joiner and one more
+            app.state.gateway.membership.max_servers = 3  # and the registry as a whole is capped too
+            r = await client.post("/registry/heartbeat", json=others[1].sign(HEARTBEAT, record(others[1], fingerprint),
+                                                                              SECRET),
+                                  headers={"x-forwarded-for": "elsewhere"})
+            assert r.status_code == 429 and "registry is full" in r.json()["error"]["message"]
+            app.state.gateway.membership.max_servers = 1024
             renewed = await post(me.sign(HEARTBEAT, record(me, fingerprint, sessions=1), SECRET))
             assert renewed.status_code == 200
             # offline: removed, and that old envelope cannot bring it back
