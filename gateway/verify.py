@@ -24,9 +24,12 @@ from shared.records import ServerInfo
 
 log = logging.getLogger(__name__)
 
-# |a - b| may reach this fraction of max(|b|, 1): what chunked prefill and cached decode
-# legitimately differ by (fp32: ~1e-5; bf16 and fp16: ~1e-2 after a few layers)
-TOLERANCE = {"float32": 1e-3, "bfloat16": 6e-2, "float16": 3e-2}
+# Per position, |a - b| / |b| (L2 over the hidden size) may reach this. Measured between a whole-
+# sequence pass and a prefill plus cached decode steps over SmolLM2's first 15 layers: at most
+# 1.6e-2 in bf16 (median 1.0e-2), 1e-6 in fp32. Per position, not against the largest value:
+# hidden states hold outliers of 2e4 (attention sinks) next to values near 1, and a bound scaled
+# by the outlier would let a lie of hundreds pass in every other dimension.
+TOLERANCE = {"float32": 1e-3, "bfloat16": 8e-2, "float16": 4e-2}
 
 
 @dataclass
@@ -37,11 +40,14 @@ class VerifyStats:
 
 
 def agree(a: torch.Tensor, b: torch.Tensor, dtype: str) -> bool:
+    """Whether results a and b [batch, tokens, hidden] are the same computation's, within what
+    `dtype`'s rounding explains, at every position."""
     if a.shape != b.shape or not bool(torch.isfinite(a).all()):
         return False
     a, b = a.float(), b.float()
-    scale = max(float(b.abs().max()), 1.0)
-    return float((a - b).abs().max()) <= TOLERANCE.get(dtype, 6e-2) * scale
+    error = (a - b).norm(dim=-1)
+    scale = b.norm(dim=-1).clamp_min(1e-6)
+    return bool((error <= TOLERANCE.get(dtype, 8e-2) * scale).all())
 
 
 class Verifier:

@@ -188,3 +188,19 @@ def test_client_messages_lose_server_addresses():
     assert redact("layers 3:6 of 30, ids bs-abc, 0.5s") == "layers 3:6 of 30, ids bs-abc, 0.5s"
     error = from_corolla(SessionLost("bs-1 at https://10.1.2.3:8443 gave no reply"), 5)
     assert "10.1.2.3" not in error.message and "<server>" in error.message
+
+
+def test_verification_tolerance_is_per_position_not_scaled_by_outliers():
+    import torch
+
+    from gateway.verify import agree
+
+    torch.manual_seed(0)
+    honest = torch.randn(1, 4, 64)
+    honest[0, 0, 3] = 20000.0  # an attention sink's outlier
+    rounding = honest * (1 + 5e-3 * torch.randn_like(honest))  # bf16-like noise
+    assert agree(rounding, honest, "bfloat16") and not agree(rounding, honest, "float32")
+    lie = honest.clone()
+    lie[0, 2] += 100.0  # far below the outlier, far above the position's own scale
+    assert not agree(lie, honest, "bfloat16")
+    assert not agree(honest[:, :3], honest, "bfloat16") and not agree(honest * float("nan"), honest, "bfloat16")
