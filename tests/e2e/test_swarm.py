@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.identity import read_token
+from shared.identity import Identity, read_token
 from tests.e2e.delay_proxy import DelayProxy
 from tests.e2e.swarm import Swarm, free_port
 
@@ -94,6 +94,20 @@ def test_a_blockserver_without_the_secret_is_refused(swarms):
     swarm.add_blockserver("0:6", extra=["--swarm-secret", "open-sesame"])
     wait_for(lambda: covered(swarm), 60, "the member to register")
     assert len(httpx.get(f"{swarm.url}/registry/servers", headers=read_token("open-sesame")).json()) == 1
+    complete(swarm)
+
+    # even knowing the secret, another key cannot speak for the member, and no heartbeat counts twice
+    member = httpx.get(f"{swarm.url}/v1/swarm").json()["servers"][0]
+    fingerprint = httpx.get(f"{swarm.url}/health").json()["fingerprint"]
+    intruder = Identity.generate()
+    takeover = {"server_id": member["server_id"], "url": "http://127.0.0.1:9", "model": fingerprint, "start": 0,
+                "end": 6, "state": "offline"}
+    heartbeat = f"{swarm.url}/registry/heartbeat"
+    assert httpx.post(heartbeat, json=intruder.sign("heartbeat", takeover, "open-sesame")).status_code == 403
+    own = intruder.sign("heartbeat", takeover | {"server_id": intruder.id, "state": "joining"}, "open-sesame")
+    assert httpx.post(heartbeat, json=own).status_code == 200
+    assert httpx.post(heartbeat, json=own).status_code == 403  # replayed
+    assert member["server_id"] in {s["server_id"] for s in httpx.get(f"{swarm.url}/v1/swarm").json()["servers"]}
     complete(swarm)
 
 
