@@ -61,24 +61,25 @@ async def _first_ping(state: GatewayState, info: ServerInfo) -> None:
         await state.swarm.ping(client, [info])
 
 
-@router.get(SERVERS_PATH)
-async def servers(request: Request, state: StateDep, _: ModelDep):
-    """Every live blockserver record of this gateway's model (joining ones included)."""
+async def check_member(request: Request, state: StateDep) -> None:
+    """Registry reads need, when the swarm has a secret, a fresh token of it (shared/identity.py)."""
     try:
         state.membership.check_read(request.headers.get(TOKEN_HEADER))
     except Refused as exc:
         raise _refused(exc) from None
+
+
+@router.get(SERVERS_PATH, dependencies=[Depends(check_member)])
+async def servers(state: StateDep, _: ModelDep):
+    """The records blockservers plan with: joining ones, and online ones this gateway has reached
+    and not banned (Swarm.members)."""
     return [s.model_dump(mode="json") for s in state.swarm.members()]
 
 
-@router.get(GRANT_PATH, dependencies=[Depends(check_api_key)])
-async def grant(server_id: str, request: Request, state: StateDep, _: ModelDep):
+@router.get(GRANT_PATH, dependencies=[Depends(check_api_key), Depends(check_member)])
+async def grant(server_id: str, state: StateDep, _: ModelDep):
     """A grant for stateless passes (forward, backward) on one server, for a fine-tuning client
     (gateway.tuning) that holds the swarm's secret and, when the gateway has one, the API key."""
-    try:
-        state.membership.check_read(request.headers.get(TOKEN_HEADER))
-    except Refused as exc:
-        raise _refused(exc) from None
     if server_id not in state.swarm.registry:
         raise APIError(404, "no such server in this swarm", param="server_id")
     return state.membership.grant(server_id)
