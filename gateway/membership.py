@@ -9,7 +9,10 @@ blockservers serve nothing else."""
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import time
+from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
@@ -26,6 +29,27 @@ from shared.identity import (
     verify,
 )
 from shared.records import ServerInfo
+
+RESOLVED_S = 60.0  # how long a host name's addresses are kept
+
+
+def _same(source: str, addresses: set[str]) -> bool:
+    """Whether `source` is one of `addresses` (IPv4-mapped IPv6 read as IPv4; loopback is one host)."""
+    def normal(text: str):
+        try:
+            address = ipaddress.ip_address(text.split("%")[0])
+        except ValueError:
+            return None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        return address
+    origin = normal(source)
+    if origin is None:
+        return False
+    for candidate in filter(None, map(normal, addresses)):
+        if candidate == origin or (candidate.is_loopback and origin.is_loopback):
+            return True
+    return False
 
 
 class Refused(Exception):
@@ -44,6 +68,7 @@ class Membership:
         self._clock = clock
         self._last: dict[str, float] = {}  # server id -> newest time stamp taken (kept past the record)
         self._source: dict[str, str] = {}  # server id -> address its heartbeats came from
+        self._resolved: dict[str, tuple[float, set[str]]] = {}  # host name -> (when, its addresses)
 
     def admit(self, envelope: object, source: str, registry: Registry, num_layers: int | None) -> ServerInfo:
         """The record of a heartbeat that may be taken, or Refused."""
@@ -85,6 +110,36 @@ class Membership:
             for server_id in [i for i, t in self._last.items() if t < horizon]:
                 del self._last[server_id]
                 self._source.pop(server_id, None)
+
+    # ---- where a record points
+    async def check_url(self, info: ServerInfo, source: str) -> None:
+        """Refuse a record whose URL does not lead to the address its heartbeat came from: the
+        gateway connects to record URLs (pings, sessions), and must not be made to reach other
+        hosts for whoever can sign a heartbeat. Loopback addresses are one host."""
+        host = urlparse(info.url).hostname or ""
+        if _same(source, await self._addresses(host)):
+            return
+        raise Refused(403, f"a record's URL must lead to the address its heartbeats come from ({source}), not "
+                           f"{host} (gateway --allow-foreign-urls accepts it: a blockserver behind a proxy on "
+                           f"another machine)", "foreign_url")
+
+    async def _addresses(self, host: str) -> set[str]:
+        try:
+            return {str(ipaddress.ip_address(host))}
+        except ValueError:
+            pass
+        kept = self._resolved.get(host)
+        if kept is not None and self._clock() - kept[0] < RESOLVED_S:
+            return kept[1]
+        try:
+            found = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, None), 2.0)
+            addresses = {info[4][0] for info in found}
+        except (OSError, TimeoutError):
+            addresses = set()
+        if len(self._resolved) > 4096:
+            self._resolved.clear()
+        self._resolved[host] = (self._clock(), addresses)
+        return addresses
 
     # ---- registry reads
     def check_read(self, token: str | None) -> None:

@@ -70,6 +70,10 @@ class GatewaySettings(BaseSettings):
                                                        "(an HMAC of each heartbeat; the secret never crosses the network)")
     max_servers_per_source: int = Field(64, ge=1, description="live blockserver records one address may hold; more "
                                                              "are refused (a flood of fake servers)")
+    allow_foreign_urls: bool = Field(False, description="accept blockserver records whose URL leads elsewhere than "
+                                                        "the address their heartbeats come from (a blockserver behind "
+                                                        "a proxy on another machine); off, the gateway never connects "
+                                                        "to hosts a heartbeat did not come from")
     max_servers: int = Field(1024, ge=1, description="live blockserver records in all; more are refused (routing "
                                                      "stays a few milliseconds up to about this many)")
     identity_file: str | None = Field(None, description="this gateway's Ed25519 key, which signs the sessions it "

@@ -15,7 +15,7 @@ from gateway.membership import Refused
 from gateway.state import GatewayState, ModelDep, StateDep, check_api_key
 from shared.errors import ModelMismatch
 from shared.identity import TOKEN_HEADER
-from shared.records import GRANT_PATH, HEARTBEAT_PATH, SERVERS_PATH, ServerInfo
+from shared.records import GRANT_PATH, HEARTBEAT_PATH, SERVERS_PATH, ServerInfo, ServerState
 
 router = APIRouter()
 _first_pings: set[asyncio.Task] = set()
@@ -29,7 +29,8 @@ def _refused(exc: Refused) -> APIError:
 @router.post(HEARTBEAT_PATH)
 async def heartbeat(request: Request, state: StateDep):
     """A blockserver's heartbeat: a signed envelope of its record (shared/identity.py), renewed for
-    its TTL (offline removes it). Refused: 403 unsigned, replayed, or without the swarm's secret;
+    its TTL (offline removes it). Refused: 403 unsigned, replayed, without the swarm's secret, or
+    with a URL that does not lead back to where it came from;
     400 an invalid record; 409 another model; 429 too many servers from one address. The answer
     carries this gateway's public key, whose grants the blockserver is to honour."""
     try:
@@ -42,6 +43,8 @@ async def heartbeat(request: Request, state: StateDep):
     source = request.client.host if request.client else "?"
     try:
         info = state.membership.admit(envelope, source, state.swarm.registry, state.model.num_layers)
+        if not state.settings.allow_foreign_urls and info.state != ServerState.offline:
+            await state.membership.check_url(info, source)
     except Refused as exc:
         raise _refused(exc) from None
     try:

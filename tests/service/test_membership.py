@@ -67,6 +67,17 @@ async def _gateway_scenario(directory):
                 "negative ping": {"next_pings": {"x": -1e9}},
                 "long ttl": {"ttl_s": 3600},
             }
+            # a URL elsewhere than the heartbeat's address: the gateway would be made to reach that host
+            for url in ("http://10.9.9.9:9", "http://example.invalid:9"):
+                r = await post(me.sign(HEARTBEAT, record(me, fingerprint) | {"url": url}, SECRET))
+                assert r.status_code == 403 and r.json()["error"]["code"] == "foreign_url", r.text
+            assert (await post(me.sign(HEARTBEAT, record(me, fingerprint) | {"url": "http://localhost:9"},
+                                       SECRET))).status_code == 200  # loopback is one host
+            app.state.gateway.settings.allow_foreign_urls = True
+            assert (await post(me.sign(HEARTBEAT, record(me, fingerprint) | {"url": "http://10.9.9.9:9"},
+                                       SECRET))).status_code == 200
+            app.state.gateway.settings.allow_foreign_urls = False
+            assert (await post(me.sign(HEARTBEAT, record(me, fingerprint), SECRET))).status_code == 200
             for why, change in invalid.items():
                 body = me.sign(HEARTBEAT, record(me, fingerprint) | change, SECRET)
                 r = await post(body)
