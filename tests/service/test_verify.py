@@ -5,6 +5,8 @@ as the verifier is caught by a third server, and the honest server keeps serving
 
 import asyncio
 
+import pytest
+
 from tests.service.inprocess import Fault, in_process_swarm
 from tests.service.test_failover import complete, far
 
@@ -53,3 +55,24 @@ def test_a_lying_verifier_is_outvoted(tiny_dir):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
     assert "honest1" not in swarm.bans.active() and "honest2" not in swarm.bans.active()
     assert "liar" in swarm.bans.active()  # it verified at least once among 16 steps × 2 peers
+
+
+@pytest.mark.parametrize("family", ["bloom", "falcon-rw", "falcon-7b", "gemma2"])
+def test_honest_replicas_agree_in_other_families(tiny_dir, family):
+    """ALiBi (BLOOM, Falcon-RW), multi-query Falcon and Gemma 2's soft-capping and sliding window:
+    a whole-sequence pass repeats cached decode steps within the tolerance, for a ragged batch
+    (padding masks) and three concurrent clients, so verification never bans an honest server."""
+    body = {"model": "tiny", "prompt": [[1, 40, 41, 42, 43, 44], [1, 50, 51]], "max_tokens": 12, "temperature": 0,
+            "logit_bias": {"2": -100}}
+
+    async def run(spans, verify):
+        async with in_process_swarm(tiny_dir(family), spans, gateway={"verify_rate": verify}) as swarm:
+            answers = await asyncio.gather(*(swarm.client.post("/v1/completions", json=body) for _ in range(3)))
+            return [r.json() for r in answers], swarm.state.swarm
+
+    plain, _ = asyncio.run(run({"a": "0:3", "b": "3:6"}, 0.0))
+    checked, swarm = asyncio.run(run({"a1": "0:3", "a2": "0:3", "b1": "3:6", "b2": "3:6"}, 1.0))
+    texts = lambda answers: [[c["text"] for c in a["choices"]] for a in answers]  # noqa: E731
+    assert texts(checked) == texts(plain)
+    stats = swarm.verifier.stats
+    assert stats.checks > 0 and stats.disagreements == 0 and not swarm.bans.active()
