@@ -212,10 +212,7 @@ class Generation:
     async def _stateless_pass(self, sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The whole prompt through every layer in one parallel pass that nothing is kept of on the
         servers (no session, no cache), rerouted on failures like fine-tuning's passes."""
-        async def no_records() -> list:
-            return []  # the gateway's own registry is the swarm's view already
-        remote = RemoteLayers(self.swarm, no_records, self.connect, self.config.step_timeout_s,
-                              self.config.failover_timeout_s, self.config.max_frame_bytes)
+        remote = RemoteLayers.in_gateway(self.swarm, self.connect, self.config)
         try:
             padded = mask if bool((mask == 0).any()) else None
             hidden, _ = await remote.forward(await self._embed(sequence), padded, self.deep)

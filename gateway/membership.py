@@ -89,8 +89,8 @@ class Membership:
             raise Refused(403, "a heartbeat older than one already taken (replayed?)", "replayed")
         if num_layers is not None and info.end > num_layers:
             raise Refused(400, f"span {info.start}:{info.end} ends past the model's {num_layers} layers", "bad_record")
-        live = set(registry.ids())
-        if info.server_id not in live:
+        if info.server_id not in registry:  # a newcomer: count what is there (a renewal costs nothing)
+            live = registry.ids()
             if len(live) >= self.max_servers:
                 raise Refused(429, f"this swarm's registry is full ({len(live)} servers; gateway --max-servers)",
                               "too_many_servers")

@@ -92,19 +92,20 @@ def route_chain(servers: list[ServerInfo], num_layers: int, banned: frozenset[st
         busy = sessions(s)
         per_layer[s.server_id] = alone + (alone / 2 if busy else 0.0) + busy * marginal(s, alone)
 
-    # what a hop there costs besides its layers: overhead, a cache penalty, the link from the gateway
-    fixed = {s.server_id: costs.hop_overhead_s + link_delay(rtts.get(s.server_id), rtts, costs)
-             + (costs.cache_penalty_s if s.cache_tokens_left < cache_tokens else 0.0) for s in usable}
+    # what a hop there costs besides its layers and the link into it: overhead and a cache penalty
+    hop = {s.server_id: costs.hop_overhead_s + (costs.cache_penalty_s if s.cache_tokens_left < cache_tokens else 0.0)
+           for s in usable}
+    entered = {i: cost + link_delay(rtts.get(i), rtts, costs) for i, cost in hop.items()}  # from the gateway
 
     def candidates(position: int) -> list[ServerInfo]:
         """The servers covering `position` worth trying from it: all of them in a swarm of usual
-        size, the MAX_CANDIDATES cheapest per layer (with the hop's fixed costs spread over the
-        layers it runs) in a registry of thousands."""
+        size, the MAX_CANDIDATES cheapest per layer (with the hop's own costs and its link from the
+        gateway spread over the layers it runs) in a registry of thousands."""
         covering = [s for s in usable if s.start <= position < s.end]
         if len(covering) <= MAX_CANDIDATES:
             return covering
         return heapq.nsmallest(MAX_CANDIDATES, covering, key=lambda s: per_layer[s.server_id]
-                               + fixed[s.server_id] / (min(s.end, end) - position))
+                               + entered[s.server_id] / (min(s.end, end) - position))
 
     # best[(p, previous server id)] = (cost, tiebreak, hops so far)
     best: dict[tuple[int, str | None], tuple[float, float, list[Hop]]] = {(start, None): (0.0, 0.0, [])}
@@ -119,9 +120,8 @@ def route_chain(servers: list[ServerInfo], num_layers: int, banned: frozenset[st
                 leave = min(s.end, end)
                 rtt = rtts.get(s.server_id) if previous is None else previous.next_pings.get(
                     s.server_id, rtts.get(s.server_id))
-                penalty = costs.cache_penalty_s if s.cache_tokens_left < cache_tokens else 0.0
-                total = (cost + link_delay(rtt, rtts, costs) + costs.hop_overhead_s + penalty
-                         + (leave - position) * per_layer[s.server_id])
+                total = cost + link_delay(rtt, rtts, costs) + hop[s.server_id] + (leave - position) * per_layer[
+                    s.server_id]
                 key = (leave, s.server_id)
                 candidate = (total, rng.random(), hops + [Hop(s, Span(position, leave))])
                 if key not in best or candidate[:2] < best[key][:2]:

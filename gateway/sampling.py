@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -19,6 +20,12 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
 
+    @cached_property
+    def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """logit_bias as (token ids, float32 biases), built once per request, not per token."""
+        return (torch.tensor(list(self.logit_bias), dtype=torch.long),
+                torch.tensor(list(self.logit_bias.values()), dtype=torch.float32))
+
 
 def adjust_logits(logits: torch.Tensor, counts: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """OpenAI's penalties over the tokens generated so far, then the logit bias.
@@ -29,8 +36,8 @@ def adjust_logits(logits: torch.Tensor, counts: torch.Tensor, params: SamplingPa
     if params.presence_penalty:
         logits -= params.presence_penalty * (counts > 0).float()
     if params.logit_bias:  # one indexed add, however many entries
-        tokens = torch.tensor(list(params.logit_bias), dtype=torch.long)
-        logits[:, tokens] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+        tokens, biases = params.bias_tensors
+        logits[:, tokens] += biases
     return logits
 
 

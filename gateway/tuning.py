@@ -61,6 +61,10 @@ async def _now(value):
     return value
 
 
+async def _no_records() -> list[ServerInfo]:
+    return []
+
+
 class GatewayGrants:
     """Grants fetched from the gateway (GRANT_PATH) for a client outside it, each kept for half
     its validity."""
@@ -103,6 +107,18 @@ class RemoteLayers:
         self._refreshed = 0.0
         self._channels: dict[str, Channel] = {}
         self.retries = 0  # hops rerouted after a failure
+
+    @classmethod
+    def in_gateway(cls, swarm: Swarm, connect: Connect, config) -> RemoteLayers:
+        """Passes run by a gateway itself (prompt scoring, verification): its registry is the
+        swarm's view already, and `config` (a ChainConfig) sets the timeouts and frame size."""
+        return cls(swarm, _no_records, connect, config.step_timeout_s, config.failover_timeout_s,
+                   config.max_frame_bytes)
+
+    async def forward_on(self, hop: Hop, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """One stateless pass of `hidden` through `hop`'s layers on `hop`'s server, not rerouted:
+        its failures raise."""
+        return (await self._call(hop, protocol.Forward, hidden, Pass([], mask, None)))["hidden"]
 
     async def refresh(self, force: bool = False) -> None:
         if force or time.monotonic() - self._refreshed > self.refresh_s:

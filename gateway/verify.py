@@ -11,16 +11,16 @@ redundancy half of its suggested remedy, at a cost set by the rate (bench/verify
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from dataclasses import dataclass
 
 import torch
 
-from shared import protocol
+from gateway.routing import Hop
+from gateway.tuning import RemoteLayers
 from shared.errors import CorollaError, WrongResult
-from shared.records import ServerInfo
+from shared.records import ServerInfo, Span
 
 log = logging.getLogger(__name__)
 
@@ -101,24 +101,11 @@ class Verifier:
                       mask: torch.Tensor | None) -> torch.Tensor | None:
         """A stateless forward pass of `inputs` on `server`; None when it cannot be had (a failure
         to answer is the failover's business, not a verdict)."""
-        tensors = {"hidden": inputs} | ({"mask": mask} if mask is not None else {})
-        header = protocol.Forward(model=self.swarm.model.fingerprint, span=[start, end],
-                                  grant=self.swarm.grant(server.server_id))
-        channel = None
+        remote = RemoteLayers.in_gateway(self.swarm, self.connect, self.config)
         try:
-            channel = await asyncio.wait_for(self.connect(server.url, self.config.connect_timeout_s,
-                                                          self.config.max_frame_bytes), self.config.connect_timeout_s)
-            await asyncio.wait_for(channel.send(protocol.encode(header, tensors)), self.config.step_timeout_s)
-            reply = protocol.decode(await asyncio.wait_for(channel.recv(), self.config.step_timeout_s),
-                                    self.config.max_frame_bytes)
+            return await remote.forward_on(Hop(server, Span(start, end)), inputs, mask)
         except (CorollaError, TimeoutError, OSError) as exc:
             log.info("verification: %s could not repeat a step (%s)", server.server_id, exc)
             return None
         finally:
-            if channel is not None:
-                channel.abort()
-        out = reply.tensors.get("hidden")
-        if isinstance(reply.header, protocol.Error) or out is None or out.shape != inputs.shape:
-            return None
-        return out
-
+            await remote.close()
