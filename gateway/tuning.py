@@ -245,9 +245,16 @@ class RemoteLayers:
         await self.refresh(force=True)
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        """Close every connection politely; if this is cancelled (a client that went away, under a
+        cancel scope that cancels every await), drop them all at once instead, so none is left open."""
+        channels, self._channels = list(self._channels.values()), {}
+        try:
+            for channel in channels:
+                await channel.close()
+        except BaseException:
+            for channel in channels:
+                channel.abort()
+            raise
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:

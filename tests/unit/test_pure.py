@@ -204,3 +204,32 @@ def test_verification_tolerance_is_per_position_not_scaled_by_outliers():
     lie[0, 2] += 100.0  # far below the outlier, far above the position's own scale
     assert not agree(lie, honest, "bfloat16")
     assert not agree(honest[:, :3], honest, "bfloat16") and not agree(honest * float("nan"), honest, "bfloat16")
+
+
+def test_stateless_layers_drop_their_connections_when_closing_is_cancelled():
+    import asyncio
+
+    from gateway.swarm import Swarm
+    from gateway.tuning import RemoteLayers
+
+    class Stuck:
+        aborted = False
+
+        async def close(self):
+            await asyncio.Event().wait()  # a peer that never finishes the closing handshake
+
+        def abort(self):
+            self.aborted = True
+
+    async def scenario():
+        remote = RemoteLayers(Swarm(), lambda: None)
+        channels = [Stuck(), Stuck()]
+        remote._channels = {"a": channels[0], "b": channels[1]}
+        task = asyncio.create_task(remote.close())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return channels, remote._channels
+
+    channels, left = asyncio.run(scenario())
+    assert all(c.aborted for c in channels) and left == {}
