@@ -14,10 +14,10 @@ from gateway.admission import Admission
 from gateway.chain import ChainConfig, ChainSession, NeedsRecompute
 from gateway.channel import Connect
 from gateway.model import GatewayModel
+from gateway.passes import RemoteLayers
 from gateway.requests import GenerationRequest
 from gateway.stops import releasable
 from gateway.swarm import Swarm
-from gateway.tuning import RemoteLayers
 from shared.errors import CacheFull
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gateway.passes import RemoteLayers
 from gateway.routing import Hop
-from gateway.tuning import RemoteLayers
 from shared.errors import CorollaError, WrongResult
 from shared.records import ServerInfo, Span
 

@@ -209,8 +209,8 @@ def test_verification_tolerance_is_per_position_not_scaled_by_outliers():
 def test_stateless_layers_drop_their_connections_when_closing_is_cancelled():
     import asyncio
 
+    from gateway.passes import RemoteLayers
     from gateway.swarm import Swarm
-    from gateway.tuning import RemoteLayers
 
     class Stuck:
         aborted = False
