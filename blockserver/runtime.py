@@ -238,14 +238,15 @@ class Runtime:
         return [outcomes[id(w)] for w in works]
 
     def _step_group(self, group: list[Work], start: int, end: int) -> dict[Work, object]:
-        """The next piece of each work of `group`: batched when the family allows (any pieces when
-        ragged, single decode tokens when padded), else one session at a time."""
+        """The next piece of each work of `group`: one batched pass when the family allows (any
+        pieces when ragged, single decode tokens when padded; a batch of one is a batch, so a
+        session's arithmetic is the same alone and in company), else one session at a time."""
         pieces = {w: w.piece() for w in group}
         ragged = self.layers.family.batching == "ragged"
         batchable = [w for w in group if w.prompts is None and
                      (ragged or (pieces[w][0].shape[1] == 1 and pieces[w][1] is None))]
         outcomes: dict[Work, object] = {}
-        if len(batchable) > 1 and self.batching:
+        if batchable and self.batching:
             try:
                 outs = self.layers.step_batch([pieces[w][0] for w in batchable], [w.session.cache for w in batchable],
                                               [pieces[w][1] for w in batchable], start, end)

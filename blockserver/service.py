@@ -161,6 +161,7 @@ class Blockserver:
         loaded = await self.compute.run(load_span, self.facts.directory, span.start, span.end, self.settings.device,
                                         self.settings.dtype, progress, self.settings.quant)
         s = self.settings
+        loaded.batch_invariant = s.batch_invariant
         self.runtime = Runtime(loaded, s.cache_tokens, self.compute, s.prefill_chunk_tokens, s.cache_page_tokens,
                                s.alloc_timeout_s, s.batch_linger_s)
         self.metrics.attach(self.runtime)

@@ -39,10 +39,17 @@ class BlockserverSettings(BaseSettings):
     public_url: str | None = Field(None, description="address gateways should connect to, when it differs from "
                                                      "where this server listens (NAT, containers), e.g. "
                                                      "http://myhost:31330")
-    dtype: DtypeChoice = Field("auto", description="compute dtype ('auto': the checkpoint's)")
+    dtype: DtypeChoice = Field("auto", description="compute dtype ('auto': bfloat16 on GPUs and on CPUs with native "
+                                                   "bfloat16 (AVX512-BF16, AMX), else float32; a float16 or "
+                                                   "bfloat16 checkpoint keeps its own where the device runs it)")
+    batch_invariant: bool = Field(True, description="batch-invariant steps: a session's results are the same bit "
+                                                    "for bit whatever else shares its batch (greedy answers do not "
+                                                    "change with load); off: a little more throughput at high "
+                                                    "concurrency")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 …")
     quant: QuantMode = Field("none", description="store the layers' weights quantized: int8 (CPU: weight-only int8, "
-                                                 "half of bf16's memory, as fast; CUDA: bitsandbytes LLM.int8) or "
+                                                 "half of bf16's memory, faster; CUDA: bitsandbytes LLM.int8), int4 (CPU: weight-only "
+                                                 "4-bit groups, torch's int4 kernel, the fastest decode on CPU) or "
                                                  "nf4 (bitsandbytes 4-bit NormalFloat, a quarter of bf16's memory; "
                                                  "slower than bf16 on CPU). Activations and the KV cache keep --dtype")
     cache_tokens: int = Field(16384, ge=1, description="KV-cache budget in tokens (batch x length summed over "

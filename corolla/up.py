@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                        help="blockservers' compute dtype (default auto: the checkpoint's)")
+                        help="compute dtype (default auto: bfloat16 on GPUs and on CPUs with native bfloat16, "
+                             "else float32)")
     parser.add_argument("--device", default="cpu", help="blockservers' torch device: cpu, cuda, cuda:1 … (default cpu; "
                                                        "the gateway's embeddings and LM head stay on the CPU)")
     parser.add_argument("--quant", default="none", choices=QUANT_MODES,

@@ -45,6 +45,7 @@ def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: C
         name = settings.model_name or served_name(settings.model, directory)
         model = await compute.run(GatewayModel.load, name, directory, settings.dtype, compute, settings.batch_linger_s,
                                   settings.prompt_adapters, settings.generation_config)
+        model.batch_invariant = settings.batch_invariant
         state.swarm.model = ServedModel(model.facts.fingerprint, name, model.num_layers)
         state.model = model
         log.info("gateway serving %s (%d layers) from %s", state.swarm.model.describe(), model.num_layers, directory)

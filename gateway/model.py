@@ -21,6 +21,7 @@ from shared.compute import ComputeThread
 from shared.errors import BadRequest
 from shared.models.base import ModelEnds
 from shared.models.loader import ModelFacts, eos_ids, load_ends, load_facts, load_tokenizer
+from shared.models.rows import DECODE, row_plan
 from shared.ticks import Linger, Ticker
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class GatewayModel:
     linger_s: float = 0.0
     adapters: dict[str, PromptAdapter] = field(default_factory=dict)  # tuned prompts served as model ids
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # from generation_config.json
+    batch_invariant: bool = True  # the LM head runs rows in fixed tiles (shared/models/rows.py)
     grammars: Grammars = field(init=False, repr=False)  # structured output against this tokenizer
     max_token_chars: int = field(init=False, repr=False)  # the longest vocabulary entry, in characters
     ticker: Ticker = field(init=False, repr=False)
@@ -179,7 +181,9 @@ class GatewayModel:
         outcomes: dict[int, object] = {}
         samples = [i for i in items if isinstance(i, Sample)]
         if samples:
-            logits = self.ends.logits(torch.cat([s.hidden for s in samples]))[:, -1]
+            hidden = torch.cat([s.hidden for s in samples])
+            with row_plan([(hidden.shape[0] * hidden.shape[1], DECODE)] if self.batch_invariant else None):
+                logits = self.ends.logits(hidden)[:, -1]
             rows = [s.hidden.shape[0] for s in samples]
             chosen = []
             for s, part in zip(samples, logits.split(rows)):

@@ -19,7 +19,10 @@ class GatewaySettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all)")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     api_key: str | None = Field(None, description="require this key as 'Authorization: Bearer KEY'")
-    dtype: DtypeChoice = Field("float32", description="dtype of the gateway's embeddings and LM head")
+    dtype: DtypeChoice = Field("auto", description="dtype of the gateway's embeddings and LM head ('auto': "
+                                                   "bfloat16 on CPUs with native bfloat16, else float32)")
+    batch_invariant: bool = Field(True, description="the LM head's rows in fixed tiles: a greedy answer does "
+                                                    "not change with what else shares the head's batch")
     cache_dir: str | None = Field(None, description="where converted models are kept (default ~/.cache/corolla)")
     num_threads: int | None = Field(None, ge=1, description="torch threads for the ends (default: all cores)")
     step_timeout_s: float = Field(30.0, gt=0, description="a blockserver with no reply to a step for this long "

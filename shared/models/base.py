@@ -20,6 +20,7 @@ from shared.models.batch import ATTENTION, BatchView, pad_stack, register_attent
 from shared.models.cache import SpanCache
 from shared.models.checkpoint import Checkpoint
 from shared.models.masks import additive_mask, positions
+from shared.models.rows import DECODE, PREFILL, row_plan
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ class LoadedSpan:
         self.device, self.dtype = device, dtype
         self.loaded_values = loaded_values  # parameters actually read from the checkpoint
         self.windows = [family.window(config, i) for i in range(start, end)]
+        self.batch_invariant = True  # steps run their rows in fixed tiles (shared/models/rows.py)
         self.hidden_size = config.hidden_size
         self.context_length = family.context_length(config)
         if family.batching == "ragged" and config._attn_implementation != ATTENTION:
@@ -233,16 +235,24 @@ class LoadedSpan:
         position = cache.length
         full_mask = cache.begin_step(new_mask, hidden.shape[1])
         try:
-            inputs = self.family.prepare(self, hidden, full_mask)
-            for i, offset in enumerate(range(first, last)):
-                if prompts is not None:
-                    hidden = _add_prompt(hidden, prompts[i], position)
-                hidden = self.family.run_layer(self, self.layers[offset], self.start + offset, hidden, inputs, cache)
+            with row_plan(self._plan([hidden.shape[:2]])):
+                inputs = self.family.prepare(self, hidden, full_mask)
+                for i, offset in enumerate(range(first, last)):
+                    if prompts is not None:
+                        hidden = _add_prompt(hidden, prompts[i], position)
+                    hidden = self.family.run_layer(self, self.layers[offset], self.start + offset, hidden, inputs,
+                                                   cache)
         except BaseException:
             cache.abort_step()
             raise
         cache.commit_step()
         return hidden
+
+    def _plan(self, shapes) -> list[tuple[int, str]] | None:
+        """The row plan of a step of sessions whose hidden states are [rows, tokens] (in order)."""
+        if not self.batch_invariant:
+            return None
+        return [(rows * tokens, DECODE if tokens == 1 else PREFILL) for rows, tokens in shapes]
 
     def _range(self, start: int | None, end: int | None) -> tuple[int, int]:
         """Layers [start, end) (global) as offsets into this span's list."""
@@ -314,9 +324,11 @@ class LoadedSpan:
         try:
             for cache, mask, t in zip(caches, masks, tokens):
                 full_masks.append(cache.begin_step(mask, t))
-            inputs, view = self.family.prepare_batch(self, hidden, full_masks, tokens, caches)
-            for offset in range(first, last):
-                hidden = self.family.run_layer(self, self.layers[offset], self.start + offset, hidden, inputs, view)
+            with row_plan(self._plan([s[:2] for s in shapes])):
+                inputs, view = self.family.prepare_batch(self, hidden, full_masks, tokens, caches)
+                for offset in range(first, last):
+                    hidden = self.family.run_layer(self, self.layers[offset], self.start + offset, hidden, inputs,
+                                                   view)
         except BaseException:
             for cache in caches:
                 cache.abort_step()

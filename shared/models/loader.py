@@ -22,6 +22,7 @@ from shared.models.families.llama import LlamaFamily
 from shared.models.families.mixtral import MixtralFamily, Qwen3MoeFamily
 from shared.models.fingerprint import model_fingerprint
 from shared.models.quant import check_quant, module_bytes, quantize_layer
+from shared.models.rows import make_tiled
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def load_span(model_dir: Path, start: int, end: int, device: str | torch.device 
     n = num_layers(config)
     if not 0 <= start < end <= n:
         raise BadRequest(f"span [{start}, {end}) is not within the model's {n} layers")
-    torch_dtype = resolve_dtype(dtype, config)
+    torch_dtype = resolve_dtype(dtype, config, device)
     device = torch.device(device)
     started = time.monotonic()
     skeleton = build_skeleton(config)
@@ -108,7 +109,7 @@ def load_span(model_dir: Path, start: int, end: int, device: str | torch.device 
         else:  # quantized on the CPU, one layer at a time, then moved
             loaded += materialize(layer, tensors, "cpu", torch_dtype, f"layer {index}")
             quantize_layer(layer, quant, device, torch_dtype)
-        layer.eval()
+        make_tiled(layer).eval()
         layers.append(layer)
         if progress is not None:
             progress(index - start + 1, end - start)
@@ -128,7 +129,7 @@ def random_layer(config, device: str | torch.device, dtype: torch.dtype, quant: 
     layer.to_empty(device="cpu")
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    layer = quantize_layer(layer.to(dtype), quant, device, dtype).eval().requires_grad_(False)
+    layer = make_tiled(quantize_layer(layer.to(dtype), quant, device, dtype)).eval().requires_grad_(False)
     return LoadedSpan(family, skeleton.config, 0, 1, torch.nn.ModuleList([layer]),
                       family.rotary(skeleton, skeleton.config, device), torch.device(device), dtype, 0, quant)
 
@@ -143,7 +144,7 @@ def load_ends(model_dir: Path, device: str | torch.device = "cpu", dtype: str = 
     """Load the embeddings, final norm and LM head (tied to the embeddings if the config says so)."""
     config = load_config(model_dir)
     family = family_for(config)
-    torch_dtype = resolve_dtype(dtype, config)
+    torch_dtype = resolve_dtype(dtype, config, device)
     skeleton = build_skeleton(config)
     modules = family.end_modules(skeleton)
     names = {id(m): name for name, m in skeleton.named_modules()}
@@ -160,6 +161,7 @@ def load_ends(model_dir: Path, device: str | torch.device = "cpu", dtype: str = 
             raise BadRequest("checkpoint has no LM head and the config does not tie it to the embeddings")
         modules["head"].weight = modules["embed"].weight
     checkpoint.close()
+    make_tiled(modules["head"])
     return ModelEnds(family, skeleton.config, modules).eval()
 
 

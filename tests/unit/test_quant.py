@@ -1,5 +1,5 @@
-"""Quantized weights (`--quant int8|nf4`): the int8 kernel against fake-quantized weights, its
-per-output bound, memory accounting against what is allocated, batched steps, and verify-model's
+"""Quantized weights (`--quant int8|int4|nf4`): the int8 and int4 kernels against fake-quantized
+weights, their per-output bounds, memory accounting against what is allocated, batched steps, and verify-model's
 verdicts per mode on every tiny family."""
 
 import pytest
@@ -8,7 +8,8 @@ import torch
 from corolla.verify import verify_model
 from shared.errors import BadRequest
 from shared.models.loader import layer_bytes, load_config, load_span
-from shared.models.quant import Int8Linear, check_quant, quantize_layer, stored_bytes
+from shared.models.quant import Int4Linear, Int8Linear, check_quant, quantize_layer, stored_bytes
+from shared.models.rows import DECODE, PREFILL, row_plan
 from tests import tiny
 
 
@@ -46,8 +47,35 @@ def test_int8_has_gradients_for_its_inputs():
     assert (x.grad.float() - want).abs().max() <= 0.02 * want.abs().max()
 
 
+@pytest.mark.parametrize("out_features,in_features", [(96, 64), (576, 576), (100, 96)])
+def test_int4_equals_the_model_with_its_own_fake_quantized_weights(out_features, in_features):
+    """The codes, scales and offsets are recomputed here from the definition (groups of inputs,
+    min/max, 16 levels), independently of the kernel's packed layout, and every path (the int4
+    kernel for decode rows, dequantization for prompts, autograd) computes x Ŵᵀ + b with them."""
+    dense = linear(out_features, in_features)
+    q = Int4Linear(dense)
+    group = q.group_size
+    assert group == (64 if in_features % 64 == 0 else 32)
+    w = dense.weight.detach().reshape(out_features, -1, group)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    fake = (torch.round((w - low) / scale).clamp(0, 15) * scale + low).reshape(out_features, in_features)
+    assert (fake - dense.weight).abs().max() <= scale.max() / 2 + 1e-6
+    torch.testing.assert_close(q.dequantized(torch.float32), fake, atol=1e-6, rtol=0)
+    for rows in (1, 3, 40):
+        x = torch.randn(rows, in_features).bfloat16()
+        want = torch.nn.functional.linear(x.float(), fake, dense.bias)
+        tolerance = 0.02 * want.abs().max()
+        for segments in ([(rows, DECODE)], [(rows, PREFILL)], None):
+            with row_plan(segments):
+                assert (q(x).float() - want).abs().max() <= tolerance, segments
+    x = torch.randn(2, in_features, requires_grad=True)
+    q(x).sum().backward()
+    torch.testing.assert_close(x.grad, fake.sum(0).expand(2, -1), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["llama", "falcon-7b", "bloom", "gemma2", "qwen3-moe"])
-@pytest.mark.parametrize("quant", ["none", "int8", "nf4"])
+@pytest.mark.parametrize("quant", ["none", "int8", "int4", "nf4"])
 def test_memory_accounting_matches_what_is_allocated(tiny_dir, family, quant):
     directory = tiny_dir(family)
     span = load_span(directory, 0, 2, dtype="bfloat16", quant=quant)
@@ -55,7 +83,8 @@ def test_memory_accounting_matches_what_is_allocated(tiny_dir, family, quant):
     assert abs(stored_bytes(span.layers[0]) - per_layer) <= 0.01 * per_layer
     if quant != "none" and family != "qwen3-moe":  # fused MoE experts stay in the compute dtype
         dense = layer_bytes(load_config(directory), torch.bfloat16)
-        assert per_layer < dense * (0.6 if quant == "int8" else 0.35)
+        # int4 on these 64-wide layers: groups of 32 and output rows padded to blocks of 64
+        assert per_layer < dense * {"int8": 0.6, "int4": 0.6, "nf4": 0.35}[quant]
 
 
 def test_quantized_batched_steps_equal_solo_steps(tiny_dir):
@@ -103,7 +132,9 @@ def test_verify_model_passes_int8_on_every_family(tiny_dir, family):
 
 def test_unknown_or_impossible_modes_are_refused_before_loading():
     with pytest.raises(BadRequest, match="unknown quantization"):
-        check_quant("int4", "cpu")
+        check_quant("int3", "cpu")
+    with pytest.raises(BadRequest, match="on a GPU use --quant nf4"):
+        check_quant("int4", "cuda")
     layer = torch.nn.Sequential(torch.nn.Linear(64, 64))
     assert isinstance(quantize_layer(layer, "int8", "cpu", torch.float32)[0], Int8Linear)
     assert type(quantize_layer(torch.nn.Sequential(torch.nn.Linear(64, 64)), "none", "cpu",
