@@ -66,6 +66,7 @@ class Work:
     mask: torch.Tensor | None
     hypo_ids: torch.Tensor | None
     prompts: torch.Tensor | None = None  # deep prompts [layers, P, hidden] (a tuned prompt's first steps)
+    reply: Callable[[torch.Tensor], object] | None = None  # makes the answer of the output (encodes the frame)
     done: int = 0  # tokens of a long step already run
     chunk: int = 1  # tokens to run in the tick it was chosen for
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -135,7 +136,10 @@ class Runtime:
         return session
 
     async def step(self, session: Session, position: int, hidden: torch.Tensor, mask: torch.Tensor | None,
-                   hypo_ids: torch.Tensor | None, prompts: torch.Tensor | None = None) -> torch.Tensor:
+                   hypo_ids: torch.Tensor | None, prompts: torch.Tensor | None = None,
+                   reply: Callable[[torch.Tensor], object] | None = None) -> object:
+        """The step's output [rows, tokens, hidden], or what `reply` makes of it on the compute
+        thread (the encoded frame: the event loop only sends it)."""
         needed = position + hidden.shape[1]
         if needed > session.reserved:  # take more pages first; a refusal leaves the session as it was
             room = self._room_for(needed, session.reserved, session.max_length)
@@ -144,7 +148,7 @@ class Runtime:
                 self.budget.give(session.batch_size * (room - session.reserved))
                 raise BadRequest("the session was closed")
             session.reserved = room
-        work = Work(session, position, hidden, mask, hypo_ids, prompts)
+        work = Work(session, position, hidden, mask, hypo_ids, prompts, reply)
         if work.decode:
             self.linger.arrived(session.session_id, work)
         started = time.monotonic()
@@ -234,7 +238,11 @@ class Runtime:
                 if work.done < work.hidden.shape[1]:
                     outcomes[id(work)] = PENDING
                 else:
-                    outcomes[id(work)] = work.outputs[0] if len(work.outputs) == 1 else torch.cat(work.outputs, 1)
+                    out = work.outputs[0] if len(work.outputs) == 1 else torch.cat(work.outputs, 1)
+                    try:
+                        outcomes[id(work)] = out if work.reply is None else work.reply(out)
+                    except Exception as exc:
+                        outcomes[id(work)] = exc
         return [outcomes[id(w)] for w in works]
 
     def _step_group(self, group: list[Work], start: int, end: int) -> dict[Work, object]:

@@ -195,9 +195,10 @@ class SessionHandler:
         if hypo_ids is not None and (hypo_ids.dtype != torch.int64 or hypo_ids.shape != (session.batch_size,)):
             raise BadRequest(f"hypo_ids must be int64 [{session.batch_size}]")
         prompts = self._prompts(runtime, tensors, session.end - session.start, runtime.layers.context_length)
-        out = await runtime.step(session, header.position, hidden, mask, hypo_ids, prompts)
-        return protocol.encode(Result(step_id=header.step_id, position=session.cache.length), {"hidden": out},
-                               session.wire)
+        def reply(out: torch.Tensor) -> bytes:  # on the compute thread, right after the step
+            return protocol.encode(Result(step_id=header.step_id, position=session.cache.length), {"hidden": out},
+                                   session.wire)
+        return await runtime.step(session, header.position, hidden, mask, hypo_ids, prompts, reply)
 
     @staticmethod
     def _hidden(runtime: Runtime, tensors: dict, batch_size: int | None, room: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from gateway.admission import Admission
 from gateway.chain import ChainConfig, ChainSession, NeedsRecompute
 from gateway.channel import Connect
+from gateway.decode import DecodeState, Detokenizer
 from gateway.model import GatewayModel
 from gateway.passes import RemoteLayers
 from gateway.requests import GenerationRequest
@@ -65,8 +66,9 @@ Event = TextDelta | Finished | Usage
 @dataclass
 class _Choice:
     index: int
-    tokens: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of the decoded text already sent
+    text: Detokenizer
+    generated: int = 0  # tokens, EOS not included
+    unsent: str = ""  # text decoded but not sent yet (it may still turn into a stop string)
     reason: FinishReason | None = None
     pending: list[TokenLogprob] = field(default_factory=list)  # scored tokens not yet sent
     cumulative: float = 0.0
@@ -85,14 +87,13 @@ class Generation:
         self.request, self.model, self.swarm, self.config = request, model, swarm, config
         self.connect, self.admission = connect, admission
         self.rows = [prompt for prompt in request.prompts for _ in range(request.n)]
-        self.ids, self.mask = _left_pad(self.rows, model.pad_id)
-        adapter = request.adapter
-        virtual = request.virtual_tokens
-        if virtual:  # the soft prompt's positions come first, before any padding: every row sees them
-            self.mask = torch.cat([torch.ones(len(self.rows), virtual, dtype=torch.long), self.mask], dim=1)
+        params, adapter = request.params, request.adapter
+        self.state = DecodeState(self.rows, model.pad_id, request.max_tokens, model.vocab_size,
+                                 virtual=request.virtual_tokens,
+                                 penalties=bool(params.frequency_penalty or params.presence_penalty))
         self.deep = adapter.deep_prompts if adapter is not None else None
         self.prefix: torch.Tensor | None = None  # the soft prompt as the first layer receives it
-        self.max_length = virtual + self.ids.shape[1] + request.max_tokens
+        self.max_length = self.state.capacity + request.virtual_tokens
         self.session: ChainSession | None = None
         self.matchers = None  # one grammar matcher per row, when the output is constrained
 
@@ -103,7 +104,7 @@ class Generation:
         if self.request.adapter is not None:
             self.prefix = await self.model.prefix(self.request.adapter)
         if self.request.max_tokens > 0:
-            self.session = await self.admission.admit(lambda: self._open(self.mask.shape[1]))
+            self.session = await self.admission.admit(lambda: self._open(self.state.virtual + self.state.length))
 
     async def _open(self, tokens: int) -> ChainSession:
         """A chain with room for `tokens` per row now (and more, in pages, as it grows)."""
@@ -129,15 +130,14 @@ class Generation:
             await self.close()
 
     async def _run(self) -> AsyncIterator[Event]:
-        request, model = self.request, self.model
-        choices = [_Choice(i) for i in range(len(self.rows))]
+        request, model, state = self.request, self.model, self.state
+        choices = [_Choice(i, Detokenizer(model.decode)) for i in range(len(self.rows))]
         usage = Usage(sum(len(p) for p in request.prompts), 0)
-        sequence, mask = self.ids, self.mask  # every token fed so far (and the mask of every position)
         if request.max_tokens == 0:
             if request.echo:
                 hidden = None
                 if request.logprobs is not None:
-                    hidden = await self._stateless_pass(sequence, mask)
+                    hidden = await self._stateless_pass()
                 for event in await self._echo(hidden):
                     yield event
             for c in choices:
@@ -145,77 +145,73 @@ class Generation:
             yield usage
             return
         generator = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
-        counts = torch.zeros(len(self.rows), model.vocab_size)
-        hidden = await self._step(await self._embed(sequence), mask, sequence, mask)
+        # prefill: the whole prompt through the chain
+        hidden = await self._step(await self._embed(state.sequence), state.attention_mask)
         if request.echo:  # the prefill's hidden states score the prompt: no pass of its own
             for event in await self._echo(hidden if request.logprobs is not None else None):
                 yield event
-        while True:
-            chosen, embedded, scores = await model.sample(hidden[:, -1:], counts, request.params, generator,
+        state.decoding()
+        while True:  # decode steps: the ends' tick chooses each row's token and appends it to `state`
+            tokens, embedded, scores = await model.sample(hidden[:, -1:], state, request.params, generator,
                                                           client=self, logprobs=request.logprobs,
                                                           matchers=self.matchers)
-            tokens = chosen.tolist()
             for row, (choice, token) in enumerate(zip(choices, tokens)):
                 if choice.reason is not None:
                     continue
                 if scores is not None:
-                    choice.cumulative += float(scores.chosen[row])
+                    logprob, top = scores.at(row)
+                    choice.cumulative += logprob
                     if token not in model.eos_ids:
-                        choice.pending.append(_scored(token, scores, row))
-                for event in _advance(choice, token, request, model, counts):
+                        choice.pending.append(TokenLogprob(token, logprob, top))
+                for event in _advance(choice, token, request, model):
                     yield event
             if all(c.reason is not None for c in choices):
                 break
-            next_ids = chosen[:, None]
-            sequence = torch.cat([sequence, next_ids], dim=1)
-            mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
-            hidden = await self._step(embedded, None, sequence, mask)
-        usage.completion_tokens = sum(len(c.tokens) for c in choices)
+            hidden = await self._step(embedded, None)
+        state.finish()
+        usage.completion_tokens = sum(c.generated for c in choices)
         yield usage
 
-    async def _step(self, embedded: torch.Tensor, mask: torch.Tensor | None, sequence: torch.Tensor,
-                    sequence_mask: torch.Tensor) -> torch.Tensor:
-        """Run `embedded` [batch, tokens, hidden] (the last tokens of `sequence`) through the chain."""
-        padded = sequence_mask if bool((sequence_mask == 0).any()) else None
-        if mask is not None and not bool((mask == 0).any()):
-            mask = None
+    async def _step(self, embedded: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Run `embedded` [batch, tokens, hidden] (the last tokens of the sequence so far, `mask`
+        theirs) through the chain; after a preemption, the whole sequence on a new chain."""
         while True:
             try:
                 return await self.session.step(embedded, mask)
             except (CacheFull, NeedsRecompute) as exc:
                 self.swarm.failovers.preemptions += 1
-                log.info("session %s: %s; waiting to recompute %d positions", self.session.session_id, exc,
-                         sequence.shape[1])
+                positions = self.state.virtual + self.state.length
+                log.info("session %s: %s; waiting to recompute %d positions", self.session.session_id, exc, positions)
                 await self.close()
-                self.session = await self.admission.admit(lambda: self._open(sequence.shape[1]), front=True)
-                embedded, mask = await self._embed(sequence), padded  # recomputed on the new chain
+                self.session = await self.admission.admit(lambda n=positions: self._open(n), front=True)
+                embedded, mask = await self._embed(self.state.sequence), self.state.attention_mask
 
     async def _echo(self, hidden: torch.Tensor | None) -> list[TextDelta]:
         """Each row's prompt as the start of its text; scored from the last layer's `hidden`
         [rows, positions, hidden] when logprobs are asked for (the first token has none)."""
-        request, virtual = self.request, self.request.virtual_tokens
+        request, virtual, prompt = self.request, self.request.virtual_tokens, self.state.prompt
         scored = None
         if hidden is not None:
             firsts = list(range(0, len(self.rows), request.n))  # the rows of one prompt share its scores
-            scored = await self.model.score(hidden[firsts, virtual:], self.ids[firsts], request.logprobs)
+            scored = await self.model.score(hidden[firsts, virtual:], prompt[firsts], request.logprobs)
         deltas = []
-        for row, prompt in enumerate(self.rows):
+        for row, tokens in enumerate(self.rows):
             entries = []
             if scored is not None:
-                p, width = row // request.n, len(prompt)
-                entries = [TokenLogprob(prompt[0], None)]
-                offset = self.ids.shape[1] - width  # left padding
-                entries += [_scored(prompt[i], scored, p, offset + i - 1) for i in range(1, width)]
+                p, width = row // request.n, len(tokens)
+                entries = [TokenLogprob(tokens[0], None)]
+                offset = prompt.shape[1] - width  # left padding
+                entries += [TokenLogprob(tokens[i], *scored.at(p, offset + i - 1)) for i in range(1, width)]
             deltas.append(TextDelta(row, request.prompt_texts[row // request.n], entries))
         return deltas
 
-    async def _stateless_pass(self, sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    async def _stateless_pass(self) -> torch.Tensor:
         """The whole prompt through every layer in one parallel pass that nothing is kept of on the
         servers (no session, no cache), rerouted on failures like fine-tuning's passes."""
         remote = RemoteLayers.in_gateway(self.swarm, self.connect, self.config)
         try:
-            padded = mask if bool((mask == 0).any()) else None
-            hidden, _ = await remote.forward(await self._embed(sequence), padded, self.deep)
+            hidden, _ = await remote.forward(await self._embed(self.state.sequence), self.state.attention_mask,
+                                             self.deep)
             return hidden
         finally:
             await remote.close()
@@ -229,41 +225,25 @@ class Generation:
         return torch.cat([prefix, embedded], dim=1)
 
 
-def _advance(choice: _Choice, token: int, request: GenerationRequest, model: GatewayModel, counts):
-    """Take one sampled token for one choice; yield the text it releases and its end, if any."""
+def _advance(choice: _Choice, token: int, request: GenerationRequest, model: GatewayModel):
+    """Take one sampled token for one choice; yield the text it releases and its end, if any. Only
+    the unsent tail is scanned for stop strings: text already sent ends before any stop can start."""
     if token in model.eos_ids:
         choice.reason = "stop"
     else:
-        choice.tokens.append(token)
-        counts[choice.index, token] += 1
-        if len(choice.tokens) >= request.max_tokens:
+        choice.generated += 1
+        choice.unsent += choice.text.push(token)
+        if choice.generated >= request.max_tokens:
             choice.reason = "length"
-    text = model.decode(choice.tokens)
-    end, stopped = releasable(text, request.stops)
+    if choice.reason is not None:
+        choice.unsent += choice.text.flush()
+    end, stopped = releasable(choice.unsent, request.stops)
     if stopped:
         choice.reason = "stop"
     elif choice.reason is not None:
-        end = len(text)  # the last piece: nothing more can complete a stop string
-    if end > choice.sent or (choice.reason is not None and choice.pending):
-        yield TextDelta(choice.index, text[choice.sent:end], choice.pending)
-        choice.sent, choice.pending = max(end, choice.sent), []
+        end = len(choice.unsent)  # the last piece: nothing more can complete a stop string
+    if end > 0 or (choice.reason is not None and choice.pending):
+        yield TextDelta(choice.index, choice.unsent[:end], choice.pending)
+        choice.unsent, choice.pending = choice.unsent[end:], []
     if choice.reason is not None:
         yield Finished(choice.index, choice.reason, choice.cumulative)
-
-
-def _scored(token: int, scores, *where: int) -> TokenLogprob:
-    """`token` with its score at `where` (a row of a sampling tick's Scores, or row and position of
-    a scored prompt's)."""
-    return TokenLogprob(token, float(scores.chosen[where]),
-                        list(zip(scores.top_ids[where].tolist(), scores.top_values[where].tolist())))
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[batch, longest] ids and the 0/1 mask, padded on the left."""
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, longest - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, longest - len(row):] = 1
-    return ids, mask

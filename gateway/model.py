@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gateway.adapters import PromptAdapter, load_adapter
+from gateway.decode import DecodeState
 from gateway.grammar import Grammars, Matcher, mask_logits
 from gateway.sampling import SamplingParams, choose_tokens, token_logprobs
 from shared.compute import ComputeThread
@@ -53,7 +54,7 @@ class Sample:
     """Choose each row's next token from its last hidden state [rows, 1, hidden], and embed it."""
 
     hidden: torch.Tensor
-    counts: torch.Tensor  # [rows, vocab] tokens generated so far (penalties)
+    state: DecodeState  # the generation's ids (the chosen tokens are written into it) and penalty counts
     params: SamplingParams
     generator: torch.Generator | None
     logprobs: int | None = None  # also score the chosen tokens, with this many alternatives
@@ -62,11 +63,23 @@ class Sample:
 
 @dataclass
 class Scores:
-    """Log-probabilities of chosen tokens [rows], and the most likely alternatives [rows, top]."""
+    """Log-probabilities of chosen tokens [rows], and the most likely alternatives [rows][top], as
+    plain lists (made on the compute thread: reading them on the event loop costs no torch)."""
 
-    chosen: torch.Tensor
-    top_values: torch.Tensor
-    top_ids: torch.Tensor
+    chosen: list
+    top_values: list
+    top_ids: list
+
+    @classmethod
+    def of(cls, chosen: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor) -> Scores:
+        return cls(chosen.tolist(), top_values.tolist(), top_ids.tolist())
+
+    def at(self, *where: int) -> tuple[float, list[tuple[int, float]]]:
+        """The chosen token's log-probability and the alternatives at `where` (row, or row and position)."""
+        chosen, values, ids = self.chosen, self.top_values, self.top_ids
+        for i in where:
+            chosen, values, ids = chosen[i], values[i], ids[i]
+        return chosen, list(zip(ids, values))
 
 
 @dataclass(eq=False)
@@ -91,8 +104,10 @@ class GatewayModel:
     max_token_chars: int = field(init=False, repr=False)  # the longest vocabulary entry, in characters
     ticker: Ticker = field(init=False, repr=False)
     linger: Linger = field(init=False, repr=False)
+    eos_tensor: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
+        self.eos_tensor = torch.tensor(sorted(self.eos_ids), dtype=torch.long)
         self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
         # no token decodes to more characters than its vocabulary entry has (byte-level BPE spells a
         # byte as one character, SentencePiece a space as one): the bound of gateway.limits' cheap check
@@ -160,15 +175,16 @@ class GatewayModel:
         """[rows, tokens] ids -> [rows, tokens, hidden]."""
         return await self.ticker.submit(Embed(ids))
 
-    async def sample(self, hidden: torch.Tensor, counts: torch.Tensor, params: SamplingParams,
+    async def sample(self, hidden: torch.Tensor, state: DecodeState, params: SamplingParams,
                      generator: torch.Generator | None, client: object = None,
                      logprobs: int | None = None,
-                     matchers: list[Matcher | None] | None = None) -> tuple[torch.Tensor, torch.Tensor, Scores | None]:
-        """hidden: [rows, 1, hidden] (the last position) -> the next token ids [rows], their
-        embeddings [rows, 1, hidden] and, when `logprobs` is given, their Scores; batched with every
-        other generation waiting for its tokens. `client` names the generation, so that ticks may
-        wait for its peers (Linger). `matchers` constrain rows to their grammars (and advance)."""
-        item = Sample(hidden, counts, params, generator, logprobs, matchers)
+                     matchers: list[Matcher | None] | None = None) -> tuple[list[int], torch.Tensor, Scores | None]:
+        """hidden: [rows, 1, hidden] (the last position) -> the next token of each row (also
+        appended to `state`), their embeddings [rows, 1, hidden] and, when `logprobs` is given,
+        their Scores; batched with every other generation waiting for its tokens. `client` names
+        the generation, so that ticks may wait for its peers (Linger). `matchers` constrain rows to
+        their grammars (and advance)."""
+        item = Sample(hidden, state, params, generator, logprobs, matchers)
         self.linger.arrived(client if client is not None else item, item)
         return await self.ticker.submit(item)
 
@@ -189,11 +205,12 @@ class GatewayModel:
             for s, part in zip(samples, logits.split(rows)):
                 try:
                     allowed = part if s.matchers is None else mask_logits(part, s.matchers, self.grammars.eos_ids)
-                    tokens = choose_tokens(allowed, s.counts, s.params, s.generator)
+                    tokens = choose_tokens(allowed, s.state.counts, s.params, s.generator)
                     for matcher, token in zip(s.matchers or (), tokens.tolist()):
                         if matcher is not None:
                             matcher.consume(token)
-                    scores = None if s.logprobs is None else Scores(*token_logprobs(part, tokens, s.logprobs))
+                    scores = None if s.logprobs is None else Scores.of(*token_logprobs(part, tokens, s.logprobs))
+                    s.state.take(tokens, self.eos_tensor)
                     chosen.append((tokens, scores))
                 except Exception as exc:  # one request's sampling error is its own
                     outcomes[id(s)] = exc
@@ -202,7 +219,7 @@ class GatewayModel:
                 ids = torch.cat([tokens for tokens, _ in chosen])[:, None]
                 embedded = self.ends.embed_tokens(ids).split([s.hidden.shape[0] for s in good])
                 for s, (tokens, scores), emb in zip(good, chosen, embedded):
-                    outcomes[id(s)] = (tokens, emb, scores)
+                    outcomes[id(s)] = (tokens.tolist(), emb, scores)
         for item in items:
             if isinstance(item, Embed):
                 try:
@@ -220,7 +237,7 @@ class GatewayModel:
             for row in range(ids.shape[0]):
                 logits = self.ends.logits(hidden[row:row + 1, :-1])[0]
                 parts.append(token_logprobs(logits, ids[row, 1:], top))
-            return Scores(*(torch.stack(p) for p in zip(*parts)))
+            return Scores.of(*(torch.stack(p) for p in zip(*parts)))
         return await self.run(run)
 
     def token_text(self, token: int) -> str:

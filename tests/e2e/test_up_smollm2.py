@@ -66,7 +66,7 @@ def check_sdk(client):
 
 
 COUNTRIES = ["France", "Germany", "Italy", "Spain", "Japan", "Canada", "Egypt", "Peru",
-             "Kenya", "Norway", "Chile", "India", "Greece", "Cuba", "Poland", "Mexico"]
+             "Kenya", "Norway", "Chile", "India", "Greece", "Cuba", "Poland", "Sweden"]
 
 
 def blockservers(url: str, client: httpx.Client = httpx) -> list[dict]:

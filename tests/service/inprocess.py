@@ -176,8 +176,8 @@ async def in_process_swarm(model: Path, spans: dict[str, str], gateway: dict | N
     """A gateway serving `model` and a blockserver per {server_id: 'START:END'}, in this process."""
     async with contextlib.AsyncExitStack() as stack:
         swarm = InProcessSwarm(gateway=None, client=None, faults=list(faults))
-        settings = GatewaySettings(model=str(model), model_name="tiny", num_threads=1, ping_interval_s=3600.0,
-                                   **(gateway or {}))
+        settings = GatewaySettings(**{"model": str(model), "model_name": "tiny", "num_threads": 1,
+                                      "ping_interval_s": 3600.0, "dtype": "float32"} | (gateway or {}))
         app = create_gateway(settings, connect=swarm.connect)
         await stack.enter_async_context(app.router.lifespan_context(app))
         swarm.gateway = app
