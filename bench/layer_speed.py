@@ -73,7 +73,7 @@ def transformers_ms(span, steps: int) -> float:
     """The same layers called as transformers' LlamaModel calls them (eager attention, DynamicCache)."""
     config, layers = span.config, span.layers
     rotary = span.rotary
-    cache = DynamicCache(config=config)
+    caches = [DynamicCache(config=config) for _ in layers]  # every random layer is a "layer 0"
     hidden = torch.randn(1, CONTEXT, span.hidden_size, dtype=span.dtype)
 
     def run(x, start):
@@ -82,7 +82,7 @@ def transformers_ms(span, steps: int) -> float:
         mask = None
         if x.shape[1] > 1:
             mask = torch.full((x.shape[1], x.shape[1]), float("-inf"), dtype=x.dtype).triu(1)[None, None]
-        for layer in layers:
+        for layer, cache in zip(layers, caches):
             x = layer(x, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
                       position_embeddings=embeddings)
             x = x[0] if isinstance(x, tuple) else x

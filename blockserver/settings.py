@@ -42,7 +42,7 @@ class BlockserverSettings(BaseSettings):
     dtype: DtypeChoice = Field("auto", description="compute dtype ('auto': bfloat16 on GPUs and on CPUs with native "
                                                    "bfloat16 (AVX512-BF16, AMX), else float32; a float16 or "
                                                    "bfloat16 checkpoint keeps its own where the device runs it)")
-    batch_invariant: bool = Field(True, description="batch-invariant steps: a session's results are the same bit "
+    batch_invariant: bool = Field(True, description="on by default: batch-invariant steps, a session's results are the same bit "
                                                     "for bit whatever else shares its batch (greedy answers do not "
                                                     "change with load); off: a little more throughput at high "
                                                     "concurrency")

@@ -21,8 +21,9 @@ class GatewaySettings(BaseSettings):
     api_key: str | None = Field(None, description="require this key as 'Authorization: Bearer KEY'")
     dtype: DtypeChoice = Field("auto", description="dtype of the gateway's embeddings and LM head ('auto': "
                                                    "bfloat16 on CPUs with native bfloat16, else float32)")
-    batch_invariant: bool = Field(True, description="the LM head's rows in fixed tiles: a greedy answer does "
-                                                    "not change with what else shares the head's batch")
+    batch_invariant: bool = Field(True, description="on by default: the LM head's rows in fixed tiles, so a "
+                                                    "greedy answer does not change with what else shares the "
+                                                    "head's batch; --no-batch-invariant for plain products")
     cache_dir: str | None = Field(None, description="where converted models are kept (default ~/.cache/corolla)")
     num_threads: int | None = Field(None, ge=1, description="torch threads for the ends (default: all cores)")
     step_timeout_s: float = Field(30.0, gt=0, description="a blockserver with no reply to a step for this long "
