@@ -25,6 +25,7 @@ from shared.compute import ComputeThread
 from shared.dtypes import resolve_dtype
 from shared.identity import HEARTBEAT, Identity, read_token
 from shared.loops import TaskSet, every
+from shared.models.compiled import not_compilable
 from shared.models.loader import ModelFacts, layer_bytes, load_facts, load_span
 from shared.models.quant import check_quant
 from shared.models.resolve import DEFAULT_CACHE_DIR, resolve_model, served_name
@@ -121,6 +122,28 @@ class Blockserver:
             span = await self.choose()
         await self.load(span)
 
+    async def _compile(self, loaded, span: Span) -> None:
+        """Compile the span's decode step before serving it; a span that cannot be compiled runs eagerly."""
+        refusal = not_compilable(loaded)
+        if refusal:
+            log.info("blockserver %s: decode steps run eagerly (%s)", self.server_id, refusal)
+            return
+        started = time.monotonic()
+
+        def progress(rows: int) -> None:
+            print(f"blockserver {self.server_id}: compiling the decode step of layers {span} for {rows} row(s) "
+                  f"({time.monotonic() - started:.0f}s; once per start, --no-compile skips it)", file=sys.stderr,
+                  flush=True)
+
+        try:
+            await self.compute.run(loaded.compile_decode, progress)
+        except Exception as exc:  # a compiler that fails here must not keep the span from serving
+            log.warning("blockserver %s: compiling the decode step failed (%s: %s); steps run eagerly",
+                        self.server_id, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            return
+        log.info("blockserver %s: decode step compiled in %.0fs (row buckets %s)", self.server_id,
+                 time.monotonic() - started, list(loaded.compiled.buckets))
+
     def start_loops(self, tasks: TaskSet) -> None:
         """Heartbeats (one timer per gateway, so a silent gateway delays no other), registry reads,
         peer pings and rebalancing: each supervised and on its own schedule."""
@@ -162,6 +185,8 @@ class Blockserver:
                                         self.settings.dtype, progress, self.settings.quant)
         s = self.settings
         loaded.batch_invariant = s.batch_invariant
+        if s.compile:
+            await self._compile(loaded, span)
         self.runtime = Runtime(loaded, s.cache_tokens, self.compute, s.prefill_chunk_tokens, s.cache_page_tokens,
                                s.alloc_timeout_s, s.batch_linger_s)
         self.metrics.attach(self.runtime)

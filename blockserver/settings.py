@@ -46,6 +46,10 @@ class BlockserverSettings(BaseSettings):
                                                     "for bit whatever else shares its batch (greedy answers do not "
                                                     "change with load); off: a little more throughput at high "
                                                     "concurrency")
+    compile: bool = Field(True, description="on by default: compile the decode step (torch.compile, Inductor's C++ "
+                                            "kernels on frozen weights) at start, about 4x faster for one "
+                                            "stream on CPU; it takes a minute or two per start (Llama-family "
+                                            "models, unquantized, on CPU; elsewhere steps run eagerly)")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 …")
     quant: QuantMode = Field("none", description="store the layers' weights quantized: int8 (CPU: weight-only int8, "
                                                  "half of bf16's memory, faster; CUDA: bitsandbytes LLM.int8), int4 (CPU: weight-only "

@@ -204,6 +204,7 @@ class LoadedSpan:
         self.loaded_values = loaded_values  # parameters actually read from the checkpoint
         self.windows = [family.window(config, i) for i in range(start, end)]
         self.batch_invariant = True  # steps run their rows in fixed tiles (shared/models/rows.py)
+        self.compiled = None  # a CompiledDecode once compile_decode() has run
         self.hidden_size = config.hidden_size
         self.context_length = family.context_length(config)
         if family.batching == "ragged" and config._attn_implementation != ATTENTION:
@@ -315,8 +316,74 @@ class LoadedSpan:
                    start: int | None = None, end: int | None = None) -> list[torch.Tensor]:
         """A step of each of several sessions in one pass over layers [start, end): hiddens[i]
         [rows_i, tokens_i, hidden] -> the same shapes; masks[i] [rows_i, tokens_i] marks padding among
-        the new tokens (None: none). Families batched "padded" take one token per session."""
+        the new tokens (None: none). Families batched "padded" take one token per session.
+
+        With a compiled decode step (`compile_decode`), the one-token steps of the whole span go
+        through its graphs in row buckets, the rest eagerly; if any part fails, none has happened."""
         first, last = self._range(start, end)
+        compiled = self.compiled
+        if compiled is None or (first, last) != (0, len(self.layers)):
+            return self._step_batch(hiddens, caches, masks, first, last)
+        fast = [i for i, h in enumerate(hiddens) if h.shape[1] == 1 and h.shape[0] <= compiled.max_rows]
+        if not fast:
+            return self._step_batch(hiddens, caches, masks, first, last)
+        parts, rows = [[]], 0
+        for i in fast:  # sessions packed into buckets, never split
+            if rows + hiddens[i].shape[0] > compiled.max_rows:
+                parts.append([])
+                rows = 0
+            parts[-1].append(i)
+            rows += hiddens[i].shape[0]
+        rest = sorted(set(range(len(hiddens))) - set(fast))
+        outs: list[torch.Tensor | None] = [None] * len(hiddens)
+        positions = [c.length for c in caches]
+        try:
+            for part in parts:
+                for i, out in zip(part, self._step_compiled([hiddens[i] for i in part], [caches[i] for i in part],
+                                                            [masks[i] for i in part])):
+                    outs[i] = out
+            if rest:
+                for i, out in zip(rest, self._step_batch([hiddens[i] for i in rest], [caches[i] for i in rest],
+                                                         [masks[i] for i in rest], first, last)):
+                    outs[i] = out
+        except BaseException:
+            for cache, position in zip(caches, positions):
+                cache.truncate(min(position, cache.length))
+            raise
+        return outs
+
+    def compile_decode(self, progress=None) -> None:
+        """Compile this span's decode step (shared/models/compiled.py) and warm it up: slow, once.
+        progress(rows) is called as each row bucket starts compiling."""
+        from shared.models.compiled import CompiledDecode
+
+        compiled = CompiledDecode(self)
+        self.compiled = compiled
+        try:
+            compiled.warm_up(progress)
+        except BaseException:
+            self.compiled = None
+            raise
+
+    def _step_compiled(self, hiddens: list[torch.Tensor], caches: list[SpanCache],
+                       masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        shapes = [h.shape for h in hiddens]
+        hidden = torch.cat([h.reshape(-1, 1, h.shape[2]) for h in hiddens]).to(self.device, self.dtype)
+        try:
+            full_masks = [cache.begin_step(mask, 1) for cache, mask in zip(caches, masks)]
+            inputs, view = self.family.prepare_batch(self, hidden, full_masks, [1] * len(hiddens), caches)
+            cos, sin = inputs.position_embeddings
+            hidden = self.compiled.run(hidden, cos, sin, view)
+        except BaseException:
+            for cache in caches:
+                cache.abort_step()
+            raise
+        for cache in caches:
+            cache.commit_step()
+        return [out.reshape(shape) for out, shape in zip(hidden.split([s[0] for s in shapes]), shapes)]
+
+    def _step_batch(self, hiddens: list[torch.Tensor], caches: list[SpanCache], masks: list[torch.Tensor | None],
+                    first: int, last: int) -> list[torch.Tensor]:
         shapes = [h.shape for h in hiddens]
         tokens = [s[1] for s in shapes]
         hidden = torch.cat([h.reshape(-1, 1, h.shape[2]) for h in hiddens]).to(self.device, self.dtype)

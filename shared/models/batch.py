@@ -42,7 +42,10 @@ def register_attention() -> None:
 
 def corolla_attention(module, query, key, value, attention_mask, **kwargs):
     """A span's attention: per session when a BatchView left the sessions in kwargs, else the
-    model's own implementation (recorded on the config when the span switched to this one)."""
+    model's own implementation (recorded on the config when the span switched to this one).
+    In a compiled decode graph (shared/models/compiled.py) it is the opaque custom op instead."""
+    if kwargs.pop("corolla_compiled", False):
+        return torch.ops.corolla.decode_attention(query, key, value, module.layer_idx, kwargs["scaling"]), None
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     sessions = kwargs.pop("corolla_sessions", None)

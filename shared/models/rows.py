@@ -105,7 +105,7 @@ class TiledLinear(nn.Linear):
     (`make_tiled`): same parameters, same state dict, no copy."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = planned(x)
+        plan = None if torch.compiler.is_compiling() else planned(x)  # compiled: the graph's rows are the tile
         if plan is not None:
             y = plan.apply(x, lambda rows, kind: F.linear(rows, self.weight, self.bias), dense_tiles(x.dtype))
             if y is not None:

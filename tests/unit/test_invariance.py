@@ -46,20 +46,6 @@ def run_sessions(span, plans, concurrent: bool) -> list[list[torch.Tensor]]:
     return outputs
 
 
-@pytest.fixture(scope="module")
-def smollm2_shaped(tmp_path_factory):
-    """A random 2-layer model of SmolLM2's layer shape: wide enough that GEMM blocking changes
-    with the number of rows (the tiny models' 64-wide products come out the same anyway)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=256)
-    directory = tmp_path_factory.mktemp("smollm2-shaped")
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
-    return directory
-
-
 PLANS = [dict(rows=r.choice([1, 1, 2]), prompt=r.randint(1, 20), steps=r.randint(5, 20), join=r.randint(0, 8))
          for r in [random.Random(7)] for _ in range(8)]
 

@@ -1,0 +1,70 @@
+"""The compiled decode step (shared/models/compiled.py): within the eager path's tolerance of it
+(and so of transformers), batch-invariant bit for bit, and all-or-nothing when a part fails.
+
+Compiling takes about 10 s per row bucket for these 2-layer spans, so each dtype compiles once."""
+
+import pytest
+import torch
+
+from shared.models.compiled import not_compilable
+from shared.models.loader import load_span
+from tests.unit.test_invariance import differing_steps
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}  # relative to the hidden states' largest value
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def spans(request, smollm2_shaped):
+    eager = load_span(smollm2_shaped, 0, 2, dtype=request.param)
+    compiled = load_span(smollm2_shaped, 0, 2, dtype=request.param)
+    assert not_compilable(compiled) is None
+    compiled.compile_decode()
+    return request.param, eager, compiled
+
+
+def test_compiled_steps_match_eager_steps(spans):
+    dtype, eager, compiled = spans
+    torch.manual_seed(3)
+    prompt = torch.randn(2, 9, 576, dtype=eager.dtype)
+    steps = [torch.randn(2, 1, 576, dtype=eager.dtype) for _ in range(12)]
+    outputs = []
+    for span in (eager, compiled):
+        cache = span.new_cache(2, 64)
+        span.step_batch([prompt], [cache], [None])
+        outputs.append([span.step_batch([x], [cache], [None])[0] for x in steps])
+    runs = compiled.compiled.runs
+    assert runs >= len(steps)  # the compiled graph really ran them
+    for want, got in zip(*outputs):
+        scale = want.float().abs().max().item()
+        assert (want.float() - got.float()).abs().max().item() <= TOLERANCE[dtype] * scale
+
+
+def test_compiled_batched_steps_equal_solo_steps_bit_for_bit(spans):
+    _, _, compiled = spans
+    before = compiled.compiled.runs
+    assert differing_steps(compiled) == []
+    assert compiled.compiled.runs > before
+
+
+def test_a_failing_part_leaves_every_session_where_it_was(spans, monkeypatch):
+    _, _, span = spans
+    caches = [span.new_cache(1, 32) for _ in range(6)]  # 6 rows: two buckets' worth
+    span.step_batch([torch.randn(1, 3, 576, dtype=span.dtype) for _ in caches], caches, [None] * 6)
+    calls = []
+    real = span.compiled.run
+
+    def second_part_fails(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(*args)
+
+    monkeypatch.setattr(span.compiled, "run", second_part_fails)
+    with pytest.raises(RuntimeError, match="boom"):
+        span.step_batch([torch.randn(1, 1, 576, dtype=span.dtype) for _ in caches], caches, [None] * 6)
+    assert [c.length for c in caches] == [3] * 6
+
+
+def test_what_is_not_compiled_says_why(tiny_dir):
+    assert "bloom" in not_compilable(load_span(tiny_dir("bloom"), 0, 2, dtype="float32"))
+    assert "int8" in not_compilable(load_span(tiny_dir("llama"), 0, 2, dtype="bfloat16", quant="int8"))
