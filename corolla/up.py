@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how hidden states cross the network (default raw; see `corolla gateway --help`)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads of each process (default: the cores divided among the blockservers)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="run decode steps eagerly: start in seconds instead of a minute or two, decode about "
+                             "3x slower (default: the blockservers and the gateway compile them at start)")
     parser.add_argument("--api-key", default=None, help="require this API key at the gateway")
     parser.add_argument("--cache-dir", default=None, help="where converted models are kept (default ~/.cache/corolla)")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the swarm (default 600)")
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     spans = even_spans(num_layers(load_config(model_dir)), args.servers)
     threads = args.num_threads or max(1, (os.cpu_count() or 1) // args.servers)
     common = ["--num-threads", str(threads)] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
+    common += [] if args.compile else ["--no-compile"]
     gateway_args = common + (["--dtype", args.dtype] if args.dtype != "auto" else [])
     gateway_args += ["--api-key", args.api_key] if args.api_key else []
     gateway_args += ["--wire-codec", args.wire_codec] if args.wire_codec != "raw" else []

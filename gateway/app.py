@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 
@@ -33,6 +35,20 @@ from shared.models.resolve import resolve_model, served_name
 log = logging.getLogger(__name__)
 
 
+async def compile_head(model, compute: ComputeThread) -> None:
+    """Compile the LM head before serving; a head that cannot be compiled runs eagerly."""
+    started = time.monotonic()
+    print("gateway: compiling the LM head (once per start; --no-compile skips it)", file=sys.stderr, flush=True)
+    try:
+        await compute.run(model.ends.compile_head)
+    except Exception as exc:
+        log.warning("gateway: compiling the LM head failed (%s: %s); it runs eagerly", type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "")
+        return
+    log.info("gateway: LM head compiled in %.0fs (row buckets %s)", time.monotonic() - started,
+             list(model.ends.compiled_head.buckets))
+
+
 def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: Connect = websocket_connect) -> FastAPI:
     """`swarm` and `connect` are seams for tests (an aged registry, in-process blockservers)."""
     state = GatewayState(settings, swarm or Swarm(settings.ban_s),
@@ -46,6 +62,8 @@ def create_app(settings: GatewaySettings, swarm: Swarm | None = None, connect: C
         model = await compute.run(GatewayModel.load, name, directory, settings.dtype, compute, settings.batch_linger_s,
                                   settings.prompt_adapters, settings.generation_config)
         model.batch_invariant = settings.batch_invariant
+        if settings.compile:
+            await compile_head(model, compute)
         state.swarm.model = ServedModel(model.facts.fingerprint, name, model.num_layers)
         state.model = model
         log.info("gateway serving %s (%d layers) from %s", state.swarm.model.describe(), model.num_layers, directory)

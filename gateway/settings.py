@@ -24,6 +24,9 @@ class GatewaySettings(BaseSettings):
     batch_invariant: bool = Field(True, description="on by default: the LM head's rows in fixed tiles, so a "
                                                     "greedy answer does not change with what else shares the "
                                                     "head's batch; --no-batch-invariant for plain products")
+    compile: bool = Field(True, description="on by default: compile the LM head for decode steps (torch.compile, "
+                                            "Inductor's C++ kernels on frozen weights; about 2.5x faster than "
+                                            "eager on CPU) at start, which takes some seconds")
     cache_dir: str | None = Field(None, description="where converted models are kept (default ~/.cache/corolla)")
     num_threads: int | None = Field(None, ge=1, description="torch threads for the ends (default: all cores)")
     step_timeout_s: float = Field(30.0, gt=0, description="a blockserver with no reply to a step for this long "

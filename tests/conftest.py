@@ -8,9 +8,10 @@ import torch
 
 from tests import tiny
 
-# Blockservers started by tests (in process or as processes, which inherit this) run eagerly: compiling
+# Blockservers and gateways started by tests (in process or as processes, which inherit this) run eagerly: compiling
 # takes tens of seconds per server. The tests of the compiled path turn it on themselves.
 os.environ.setdefault("COROLLA_BLOCKSERVER_COMPILE", "false")
+os.environ.setdefault("COROLLA_GATEWAY_COMPILE", "false")
 
 
 @pytest.fixture(scope="session")

@@ -419,6 +419,7 @@ class ModelEnds(nn.Module):
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.logits_scaling = getattr(config, "logits_scaling", None)  # Granite divides its logits
         self.embedding_multiplier = getattr(config, "embedding_multiplier", None)  # Granite scales inputs_embeds
+        self.compiled_head = None  # RowGraphs once compile_head() has run
 
     @torch.inference_mode()
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -435,8 +436,19 @@ class ModelEnds(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[batch, tokens, hidden] -> [batch, tokens, vocab] in float32."""
-        return self.head_logits(hidden)
+        """[batch, tokens, hidden] -> [batch, tokens, vocab] in float32. One-token rows go through
+        the compiled head when there is one (`compile_head`), in passes of its largest bucket."""
+        graphs = self.compiled_head
+        if graphs is None or hidden.shape[1] != 1:
+            return self.head_logits(hidden)
+        parts = [graphs(rows) for rows in hidden.split(graphs.max_rows)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def compile_head(self) -> None:
+        """Compile the final norm and LM head for one-token rows (shared/models/compiled.py): slow, once."""
+        from shared.models.compiled import compiled_head
+
+        self.compiled_head = compiled_head(self)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`logits` with autograd (fine-tuning differentiates through the head): the final norm,

@@ -99,58 +99,94 @@ class _DecodeGraph(nn.Module):
         return hidden
 
 
-class CompiledDecode:
-    """Decode steps of a whole span through compiled graphs, one per row bucket."""
+class RowGraphs:
+    """`module` compiled for a fixed number of rows (dim 0 of every input) per bucket: inputs of
+    up to `max_rows` rows are padded to the next bucket, the output cut back to them."""
 
-    def __init__(self, span):
+    def __init__(self, module: nn.Module, what: str, buckets: tuple[int, ...] = BUCKETS):
         _cache_dir()
-        self.span = span
-        self.modules = {span.start + i: layer.self_attn for i, layer in enumerate(span.layers)}
-        self.graph = torch.compile(_DecodeGraph(span.layers), dynamic=False)
-        self.buckets: tuple[int, ...] = BUCKETS
+        self.graph = torch.compile(module, dynamic=False)
+        self.what = what
+        self.buckets = buckets
         self.runs = 0  # graph calls (passes of up to max_rows rows)
 
     @property
     def max_rows(self) -> int:
         return self.buckets[-1]
 
-    def bucket(self, rows: int) -> int:
-        return next(b for b in self.buckets if b >= rows)
-
-    def run(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, view) -> torch.Tensor:
-        """hidden [rows, 1, hidden] (rows <= max_rows) with its rotary cos/sin [rows, 1, dim]."""
-        rows = hidden.shape[0]
-        size = self.bucket(rows)
-        self.runs += 1
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        rows = inputs[0].shape[0]
+        size = next(b for b in self.buckets if b >= rows)
         if size > rows:
-            hidden, cos, sin = (torch.cat([t, t.new_zeros((size - rows,) + t.shape[1:])]) for t in (hidden, cos, sin))
-        _local.step = _Step(view, rows, self.modules)
-        try:
-            # freezing (weights as prepacked constants) is read from the global config, not from
-            # torch.compile's options; patched around every call so that a recompile keeps it
-            with torch.no_grad(), torch._inductor.config.patch(OPTIONS):
-                out = self.graph(hidden, cos, sin)
-        finally:
-            _local.step = None
-        return out[:rows]
+            inputs = tuple(torch.cat([t, t.new_zeros((size - rows,) + t.shape[1:])]) for t in inputs)
+        self.runs += 1
+        # freezing (weights as prepacked constants) is read from the global config, not from
+        # torch.compile's options; patched around every call so that a recompile keeps it
+        with torch.no_grad(), torch._inductor.config.patch(OPTIONS):
+            return self.graph(*inputs)[:rows]
 
-    def warm_up(self, progress=None) -> None:
-        """Compile every bucket and keep those whose rows agree bit for bit with the largest one's."""
-        span = self.span
+    def warm_up(self, run, progress=None) -> None:
+        """Compile every bucket through run(rows) -> output of that many rows (random inputs, the
+        same first rows for every bucket), and keep the buckets whose rows agree bit for bit with
+        the largest one's."""
         results = {}
-        torch.manual_seed(0)
-        rows = torch.randn(self.buckets[-1], 1, span.hidden_size, dtype=span.dtype, device=span.device)
         for size in self.buckets:
             started = time.monotonic()
             if progress is not None:
                 progress(size)
-            caches = [span.new_cache(1, 8) for _ in range(size)]
-            results[size] = torch.cat(span.step_batch(list(rows[:size, None]), caches, [None] * size))
-            log.info("compiled the decode step of layers [%d, %d) for %d row(s) in %.1fs", span.start, span.end,
-                     size, time.monotonic() - started)
+            results[size] = run(size)
+            log.info("compiled %s for %d row(s) in %.1fs", self.what, size, time.monotonic() - started)
         largest = results[self.buckets[-1]]
         kept = tuple(b for b in self.buckets if torch.equal(results[b], largest[:b]))
         if kept != self.buckets:
-            log.warning("compiled buckets %s compute rows differently from the %d-row one; using %s only",
-                        sorted(set(self.buckets) - set(kept)), self.buckets[-1], kept)
+            log.warning("compiled %s: buckets %s compute rows differently from the %d-row one; using %s only",
+                        self.what, sorted(set(self.buckets) - set(kept)), self.buckets[-1], kept)
         self.buckets = kept
+
+
+class CompiledDecode(RowGraphs):
+    """Decode steps of a whole span through compiled graphs, one per row bucket."""
+
+    def __init__(self, span):
+        super().__init__(_DecodeGraph(span.layers), f"the decode step of layers [{span.start}, {span.end})")
+        self.span = span
+        self.modules = {span.start + i: layer.self_attn for i, layer in enumerate(span.layers)}
+
+    def run(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, view) -> torch.Tensor:
+        """hidden [rows, 1, hidden] (rows <= max_rows) with its rotary cos/sin [rows, 1, dim]; the
+        sessions' caches are written through `view` (a BatchView of exactly these rows)."""
+        _local.step = _Step(view, hidden.shape[0], self.modules)
+        try:
+            return self(hidden, cos, sin)
+        finally:
+            _local.step = None
+
+    def warm_up(self, progress=None) -> None:
+        span = self.span
+        torch.manual_seed(0)
+        rows = torch.randn(self.buckets[-1], 1, span.hidden_size, dtype=span.dtype, device=span.device)
+
+        def run(size: int) -> torch.Tensor:
+            caches = [span.new_cache(1, 8) for _ in range(size)]
+            return torch.cat(span.step_batch(list(rows[:size, None]), caches, [None] * size))
+
+        super().warm_up(run, progress)
+
+
+class _Head(nn.Module):
+    def __init__(self, ends):
+        super().__init__()
+        self.ends = ends
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.ends.head_logits(hidden)
+
+
+def compiled_head(ends) -> RowGraphs:
+    """The final norm, LM head and logit transforms of `ends`, compiled for [rows, 1, hidden] (float32 logits)."""
+    graphs = RowGraphs(_Head(ends), "the LM head")
+    torch.manual_seed(0)
+    weight = ends.head.weight
+    rows = torch.randn(graphs.max_rows, 1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    graphs.warm_up(lambda size: graphs(rows[:size]))
+    return graphs

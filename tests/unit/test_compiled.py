@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shared.models.compiled import not_compilable
-from shared.models.loader import load_span
+from shared.models.loader import load_ends, load_span
 from tests.unit.test_invariance import differing_steps
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}  # relative to the hidden states' largest value
@@ -68,3 +68,17 @@ def test_a_failing_part_leaves_every_session_where_it_was(spans, monkeypatch):
 def test_what_is_not_compiled_says_why(tiny_dir):
     assert "bloom" in not_compilable(load_span(tiny_dir("bloom"), 0, 2, dtype="float32"))
     assert "int8" in not_compilable(load_span(tiny_dir("llama"), 0, 2, dtype="bfloat16", quant="int8"))
+
+
+def test_compiled_head_matches_eager_and_keeps_rows_apart(smollm2_shaped):
+    ends = load_ends(smollm2_shaped, "cpu", "bfloat16")
+    torch.manual_seed(4)
+    hidden = torch.randn(7, 1, 576, dtype=torch.bfloat16)
+    eager = ends.logits(hidden)
+    ends.compile_head()
+    alone = torch.cat([ends.logits(hidden[i:i + 1]) for i in range(7)])
+    together = ends.logits(hidden)  # 7 rows: passes of 4 and 3
+    assert ends.compiled_head.runs >= 9
+    assert torch.equal(alone, together)
+    assert (alone - eager).abs().max().item() <= 3e-2 * eager.abs().max().item()
+    assert torch.equal(alone.argmax(-1), eager.argmax(-1))
