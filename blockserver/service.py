@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import torch
 from pydantic import ValidationError
 
 from blockserver.metrics import BlockserverMetrics
@@ -25,8 +26,8 @@ from shared.compute import ComputeThread
 from shared.dtypes import resolve_dtype
 from shared.identity import HEARTBEAT, Identity, read_token
 from shared.loops import TaskSet, every
-from shared.models.compiled import not_compilable
-from shared.models.loader import ModelFacts, layer_bytes, load_facts, load_span
+from shared.models.compiled import FIXED_BYTES, compiled_extra_bytes, not_compilable, refusal
+from shared.models.loader import ModelFacts, family_for, layer_bytes, load_facts, load_span
 from shared.models.quant import check_quant
 from shared.models.resolve import DEFAULT_CACHE_DIR, resolve_model, served_name
 from shared.records import HEARTBEAT_PATH, SERVERS_PATH, ServerInfo, ServerState, Span
@@ -317,7 +318,12 @@ def layers_for_memory(facts: ModelFacts, settings: BlockserverSettings) -> int:
     its weights as --quant stores them and its share of the KV-cache budget (the family's real KV
     bytes per token, in the compute dtype: the cache is never quantized)."""
     dtype = resolve_dtype(settings.dtype, facts.config)
-    per_layer = layer_bytes(facts.config, dtype, settings.quant) + facts.kv_bytes_per_token(dtype) * settings.cache_tokens
+    weights = layer_bytes(facts.config, dtype, settings.quant)
+    per_layer = weights + facts.kv_bytes_per_token(dtype) * settings.cache_tokens
     budget = (settings.max_memory_gib * 2**30 if settings.max_memory_gib
               else psutil.virtual_memory().available / 2)
+    device = torch.device(settings.device).type
+    if settings.compile and refusal(family_for(facts.config).name, settings.quant, device) is None:
+        per_layer += compiled_extra_bytes(weights)  # the compiled graphs' prepacked weights
+        budget -= FIXED_BYTES
     return max(1, min(facts.num_layers, math.floor(budget / per_layer)))

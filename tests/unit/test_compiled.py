@@ -82,3 +82,22 @@ def test_compiled_head_matches_eager_and_keeps_rows_apart(smollm2_shaped):
     assert torch.equal(alone, together)
     assert (alone - eager).abs().max().item() <= 3e-2 * eager.abs().max().item()
     assert torch.equal(alone.argmax(-1), eager.argmax(-1))
+
+
+def test_memory_sizing_counts_the_compiled_graphs(smollm2_shaped):
+    """--max-memory holds the compiled graphs' prepacked weights too, so fewer layers fit; spans
+    that are not compiled (here: int8) are sized as before."""
+    from dataclasses import replace
+
+    from blockserver.service import layers_for_memory
+    from blockserver.settings import BlockserverSettings
+    from shared.models.loader import load_facts
+
+    facts = replace(load_facts(smollm2_shaped), num_layers=10_000)  # as if deep enough for the budget to decide
+
+    def sized(**kw) -> int:
+        return layers_for_memory(facts, BlockserverSettings(max_memory_gib=0.5, cache_tokens=16, dtype="bfloat16",
+                                                            **kw))
+
+    assert 1 <= sized(compile=True) < sized(compile=False) / 4
+    assert sized(compile=True, quant="int8") == sized(compile=False, quant="int8")
