@@ -48,8 +48,10 @@ class BlockserverSettings(BaseSettings):
                                                     "concurrency")
     compile: bool = Field(True, description="on by default: compile the decode step (torch.compile, Inductor's C++ "
                                             "kernels on frozen weights) at start, about 4x faster for one "
-                                            "stream on CPU; it takes a minute or two per start (Llama-family "
-                                            "models, unquantized, on CPU; elsewhere steps run eagerly)")
+                                            "stream on CPU; it takes a minute or two per start, and memory for "
+                                            "prepacked weights (about 3x the span's weights, counted by "
+                                            "--max-memory). Llama-family models, unquantized, on CPU; "
+                                            "elsewhere steps run eagerly")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 …")
     quant: QuantMode = Field("none", description="store the layers' weights quantized: int8 (CPU: weight-only int8, "
                                                  "half of bf16's memory, faster; CUDA: bitsandbytes LLM.int8), int4 (CPU: weight-only "
