@@ -101,3 +101,24 @@ def test_memory_sizing_counts_the_compiled_graphs(smollm2_shaped):
 
     assert 1 <= sized(compile=True) < sized(compile=False) / 4
     assert sized(compile=True, quant="int8") == sized(compile=False, quant="int8")
+
+
+@pytest.mark.parametrize("family,start,end", [("qwen2", 3, 5), ("phi3", 0, 2)])  # Qwen2 slides from layer 3
+def test_windows_and_fused_projections_compile_exactly(tiny_dir, family, start, end):
+    """Sliding windows (masks per session, inside the custom op) and Phi-3's fused projections:
+    compiled float32 decode steps within 1e-4 of the eager ones, past the window."""
+    eager = load_span(tiny_dir(family), start, end, dtype="float32")
+    compiled = load_span(tiny_dir(family), start, end, dtype="float32")
+    assert family != "qwen2" or set(compiled.windows) == {8}
+    compiled.compile_decode()
+    torch.manual_seed(5)
+    prompt = torch.randn(1, 5, eager.hidden_size)
+    steps = [torch.randn(1, 1, eager.hidden_size) for _ in range(12)]  # past the window of 8
+    outputs = []
+    for span in (eager, compiled):
+        cache = span.new_cache(1, 32)
+        span.step_batch([prompt], [cache], [None])
+        outputs.append([span.step_batch([x], [cache], [None])[0] for x in steps])
+    assert compiled.compiled.runs >= len(steps) + 2  # warm-up's 2 buckets, then every step
+    for want, got in zip(*outputs):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
